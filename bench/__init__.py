@@ -1,0 +1,1 @@
+"""Benchmarks: programs that print one JSON object per result (python -m bench)."""

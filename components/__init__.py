@@ -1,0 +1,1 @@
+"""Sensor hub services: plain-Python core and thin WAMP adapters."""

@@ -1,0 +1,106 @@
+"""Command line of the services: ``python -m components --help``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+
+from components import routercfg
+from components.credentials import ROLES, CredentialStore
+from components.errors import ConfigError
+from components.settings import REQUIRED, Settings, describe, load_settings
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m components",
+                                     description="Sensor hub services and administration commands.")
+    parser.add_argument("--config", help="config file (default: $IOT_CONFIG or ./config.json)")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("run", help="start router, storage, query and simulated devices until Ctrl-C (make run)")
+    router = sub.add_parser("router", help="render router/config.json with the settings and run Crossbar")
+    router.add_argument("--loglevel", default="info", help="Crossbar log level (default: info)")
+    sub.add_parser("secrets", help="create missing local secrets (tickets, simulated devices' keys)")
+    sub.add_parser("settings", help="print the effective settings as JSON (no secrets in them)")
+    sub.add_parser("settings-table", help="print every setting with its environment variable (Markdown)")
+
+    device = sub.add_parser("device", help="provision, revoke or list devices")
+    dsub = device.add_subparsers(dest="action", required=True)
+    add = dsub.add_parser("add", help="provision a device: new key pair, registered with the router at once")
+    add.add_argument("device_id")
+    revoke = dsub.add_parser("revoke", help="revoke a device: its sessions are closed and refused")
+    revoke.add_argument("device_id")
+    dsub.add_parser("list", help="list provisioned devices")
+
+    principal = sub.add_parser("principal", help="create a ticket principal (a person or service)")
+    principal.add_argument("authid")
+    principal.add_argument("--role", required=True, choices=ROLES)
+    return parser
+
+
+def _settings_json(settings: Settings) -> str:
+    import dataclasses
+
+    return json.dumps(dataclasses.asdict(settings), indent=2)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point."""
+    args = _parser().parse_args(argv)
+    if args.command == "settings-table":
+        print("| setting | environment variable | default | meaning |\n|---|---|---|---|")
+        for key, env, default, doc in describe():
+            shown = default if default == REQUIRED else f"`{json.dumps(default)}`"
+            print(f"| `{key}` | `{env}` | {shown} | {doc} |")
+        return 0
+    try:
+        settings = load_settings(args.config)
+        return _dispatch(args, settings)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
+    store = CredentialStore(settings.paths.secrets_dir)
+    if args.command == "run":
+        from components.launcher import run_stack
+
+        return run_stack(settings)
+    if args.command == "router":
+        from components.launcher import crossbar_argv
+
+        node_dir = routercfg.write_node_dir(settings)
+        argv = crossbar_argv(node_dir, args.loglevel)
+        os.execv(argv[0], argv)  # noqa: S606 - replaces this process with Crossbar
+    if args.command == "secrets":
+        from devices.simulator import device_ids
+
+        created = store.ensure_local(device_ids(settings.simulator.devices, settings.simulator.first_device))
+        print("\n".join(f"created {c}" for c in created) or "nothing to create")
+        return 0
+    if args.command == "settings":
+        print(_settings_json(settings))
+        return 0
+    if args.command == "device":
+        if args.action == "add":
+            print(f"device {args.device_id} provisioned, public key {store.add_device(args.device_id)}; "
+                  f"private key in {store.device_key_file(args.device_id)}")
+        elif args.action == "revoke":
+            store.revoke_device(args.device_id)
+            print(f"device {args.device_id} revoked")
+        else:
+            for d in sorted(store.devices().values(), key=lambda d: d.device_id):
+                print(f"{d.device_id}\t{'revoked' if d.revoked else 'active'}\t{d.pubkey}")
+        return 0
+    if args.command == "principal":
+        store.add_principal(args.authid, args.role)
+        print(f"principal {args.authid} ({args.role}) created; ticket in {store.ticket_file(args.authid)}")
+        return 0
+    raise AssertionError(f"unhandled command {args.command}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

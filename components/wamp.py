@@ -1,0 +1,74 @@
+"""Shared pieces of the WAMP adapters: connecting with retry, authentication, error mapping."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from autobahn.twisted.component import Component
+from autobahn.wamp.exception import ApplicationError
+from twisted.internet import defer
+
+from components.errors import IotError
+from components.settings import RouterSettings
+
+MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+
+
+def ticket_auth(authid: str, ticket: str) -> dict[str, Any]:
+    """Authentication settings for a service or person logging in with a ticket."""
+    return {"ticket": {"authid": authid, "ticket": ticket}}
+
+
+def device_auth(device_id: str, private_key_hex: str) -> dict[str, Any]:
+    """Authentication settings for a device logging in with its cryptosign key."""
+    return {"cryptosign": {"authid": device_id, "privkey": private_key_hex}}
+
+
+def make_component(router: RouterSettings, authentication: dict[str, Any], *, serializer: str | None = None,
+                   max_retries: int = -1) -> Component:
+    """An autobahn Component that connects to the router and reconnects (with backoff) until stopped."""
+    transport = {
+        "type": "websocket",
+        "url": router.url,
+        "serializers": [serializer or router.serializer],
+        "max_retries": max_retries,
+        "initial_retry_delay": 0.25,
+        "max_retry_delay": 3.0,
+        "retry_delay_growth": 1.5,
+        "retry_delay_jitter": 0.1,
+        "options": {
+            "auto_ping_interval": router.auto_ping_interval_s,
+            "auto_ping_timeout": router.auto_ping_timeout_s,
+            "max_message_payload_size": MAX_MESSAGE_BYTES,
+            "max_frame_payload_size": MAX_MESSAGE_BYTES,
+            "open_handshake_timeout": 10,
+        },
+    }
+    return Component(transports=[transport], realm=router.realm, authentication=authentication)
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def wamp_errors(fn: F) -> F:
+    """Turn the project's exceptions into WAMP errors (``iot.error.*``), keeping the cause."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        def translate(failure: Any) -> Any:
+            err = failure.value
+            if isinstance(err, IotError):
+                raise ApplicationError(err.uri, str(err)) from err
+            return failure
+
+        try:
+            result = fn(*args, **kwargs)
+        except IotError as err:
+            raise ApplicationError(err.uri, str(err)) from err
+        if isinstance(result, defer.Deferred):
+            result.addErrback(translate)
+        return result
+
+    return wrapper  # type: ignore[return-value]

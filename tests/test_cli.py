@@ -1,0 +1,52 @@
+"""The command lines explain every option, and the router config is valid for Crossbar as committed."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from components.launcher import crossbar_executable
+from tests.harness import REPO
+
+
+def run(*argv: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, *argv], capture_output=True, text=True, cwd=REPO, timeout=120)
+
+
+def test_devices_help_explains_every_option() -> None:
+    top = run("-m", "devices", "--help")
+    assert top.returncode == 0 and "simulate" in top.stdout and "send" in top.stdout
+    sim = run("-m", "devices", "simulate", "--help").stdout
+    for option in ("--devices", "--first-device", "--device-ids", "--sensor-types", "--rate", "--count", "--seed",
+                   "--batch", "--classic", "--serializer"):
+        assert option in sim
+    send = run("-m", "devices", "send", "--help").stdout
+    for option in ("--device", "--sensor-type", "--value", "--ts", "--data"):
+        assert option in send
+
+
+def test_components_help_lists_the_commands() -> None:
+    out = run("-m", "components", "--help").stdout
+    for command in ("run", "router", "secrets", "device", "principal", "settings"):
+        assert command in out
+
+
+def test_a_bad_config_stops_a_command_with_the_message_and_exit_code_2(tmp_path) -> None:
+    (tmp_path / "config.json").write_text('{"router": {"url": "ws://127.0.0.1:1/ws", "realm": "IOT"}}')
+    result = run("-m", "components", "--config", str(tmp_path / "config.json"), "settings")
+    assert result.returncode == 2
+    assert "setting router.realm: got 'IOT', expected lowercase letters, digits and _" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_crossbar_check_passes_on_the_committed_router_config() -> None:
+    result = subprocess.run([crossbar_executable(), "check", "--cbdir", str(REPO / "router")],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "configuration looks good" in result.stdout
+
+
+def test_importing_crossbar_prints_no_numpy_abi_warning() -> None:
+    # crossbar pulls bjdata, whose binary extension must be built against the installed NumPy
+    result = run("-c", "import bjdata, autobahn.wamp.serializer")
+    assert result.returncode == 0 and result.stderr == "", result.stderr
