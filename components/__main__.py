@@ -22,6 +22,8 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("run", help="start router, storage, query and simulated devices until Ctrl-C (make run)")
     router = sub.add_parser("router", help="render router/config.json with the settings and run Crossbar")
     router.add_argument("--loglevel", default="info", help="Crossbar log level (default: info)")
+    sub.add_parser("storage", help="run the storage subscriber (readings -> sealed batches -> backend)")
+    sub.add_parser("query", help="run a query callee (registers the iot.* query procedures, round robin)")
     sub.add_parser("secrets", help="create missing local secrets (tickets, simulated devices' keys)")
     sub.add_parser("settings", help="print the effective settings as JSON (no secrets in them)")
     sub.add_parser("settings-table", help="print every setting with its environment variable (Markdown)")
@@ -69,6 +71,14 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
         from components.launcher import run_stack
 
         return run_stack(settings)
+    if args.command == "storage":
+        from components.storage_subscriber import run as run_storage
+
+        return run_storage(settings)
+    if args.command == "query":
+        from components.query_callee import run as run_query
+
+        return run_query(settings)
     if args.command == "router":
         from components.launcher import crossbar_argv
 

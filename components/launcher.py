@@ -23,7 +23,7 @@ from components.credentials import CredentialStore
 from components.settings import Settings
 from devices.simulator import device_ids
 
-SERVICES: tuple[str, ...] = ()
+SERVICES: tuple[str, ...] = ("storage", "query")
 """Service components started between the router and the devices (``python -m components <name>``)."""
 _PR_SET_PDEATHSIG = 1
 STOP_TIMEOUT_S = 20.0

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from autobahn.twisted.component import Component
+from autobahn.twisted.wamp import ApplicationSession
 from autobahn.wamp.exception import ApplicationError
 from twisted.internet import defer
 
@@ -14,6 +15,21 @@ from components.errors import IotError
 from components.settings import RouterSettings
 
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+
+
+class Session(ApplicationSession):
+    """An ApplicationSession that does not log the project's own errors answered to callers.
+
+    A caller's bad argument is answered with ``iot.error.*``; logging each one would let any caller
+    flood the log. Other errors are still logged with their traceback.
+    """
+
+    def onUserError(self, fail: Any, msg: str) -> None:  # noqa: N802 - autobahn's name
+        """Skip ``iot.error.*`` answers; log the rest."""
+        err = getattr(fail, "value", None)
+        if isinstance(err, ApplicationError) and err.error.startswith("iot.error."):
+            return
+        super().onUserError(fail, msg)
 
 
 def ticket_auth(authid: str, ticket: str) -> dict[str, Any]:
@@ -46,7 +62,8 @@ def make_component(router: RouterSettings, authentication: dict[str, Any], *, se
             "open_handshake_timeout": 10,
         },
     }
-    return Component(transports=[transport], realm=router.realm, authentication=authentication)
+    return Component(transports=[transport], realm=router.realm, authentication=authentication,
+                     session_factory=Session)
 
 
 F = TypeVar("F", bound=Callable[..., Any])

@@ -66,6 +66,25 @@ def stack_settings(root: Path, port: int | None = None, overrides: Mapping[str, 
     return settings
 
 
+def derive_settings(base: Settings, root: Path, overrides: Mapping[str, Any] | None = None) -> Settings:
+    """Settings for components of one test: ``base``'s router and secrets, their own database, keys, spool."""
+    root.mkdir(parents=True, exist_ok=True)
+    cfg = json.loads(Path(base.config_path).read_text())
+    cfg["storage"]["sqlite_path"] = str(root / "iot.sqlite3")
+    cfg["keys"]["file"] = str(root / "keys.json")
+    cfg["keys"]["salt_file"] = str(root / "key.salt")
+    cfg["device"]["spool_dir"] = str(root / "spool")
+    cfg["paths"]["run_dir"] = str(root / "run")
+    for section, values in (overrides or {}).items():
+        if isinstance(values, Mapping):
+            cfg.setdefault(section, {}).update(values)
+        else:
+            cfg[section] = values
+    path = root / "config.json"
+    path.write_text(json.dumps(cfg, indent=2))
+    return load_settings(path, environ={})
+
+
 @dataclass
 class RouterProcess:
     """A Crossbar router started from the project's router/config.json with test settings applied."""
@@ -169,6 +188,21 @@ class ComponentProcess:
         """What it printed so far."""
         return self.log_path.read_text(errors="replace") if self.log_path and self.log_path.exists() else ""
 
+    @defer.inlineCallbacks
+    def wait_for_log(self, needle: str, timeout: float = 60.0, after: int = 0) -> Any:
+        """Wait (without blocking the reactor) until the log contains ``needle`` past offset ``after``."""
+        def seen() -> bool:
+            if self.proc is not None and self.proc.poll() is not None and needle not in self.log()[after:]:
+                raise AssertionError(f"{self.name} exited ({self.proc.returncode}) before logging {needle!r}:\n"
+                                     f"{self.log()[-3000:]}")
+            return needle in self.log()[after:]
+        yield wait_until(seen, timeout, 0.05, f"{self.name} to log {needle!r}")
+        return self
+
+    def log_size(self) -> int:
+        """Current length of the log (to wait for a line logged after now)."""
+        return len(self.log())
+
 
 def python_process(settings: Settings, name: str, module: str, *args: str, env: dict[str, str] | None = None
                    ) -> ComponentProcess:
@@ -176,6 +210,22 @@ def python_process(settings: Settings, name: str, module: str, *args: str, env: 
     argv = [sys.executable, "-m", module, "--config", settings.config_path, *args]
     log_path = Path(settings.paths.run_dir) / f"{name}.log"
     return ComponentProcess(name, argv, env, log_path)
+
+
+@defer.inlineCallbacks
+def start_storage(settings: Settings, name: str = "storage", env: dict[str, str] | None = None) -> Any:
+    """A storage process, once it has subscribed."""
+    proc = python_process(settings, name, "components", "storage", env=env).start()
+    yield proc.wait_for_log("storage subscribed")
+    return proc
+
+
+@defer.inlineCallbacks
+def start_query(settings: Settings, name: str = "query", env: dict[str, str] | None = None) -> Any:
+    """A query callee process, once it has registered its procedures."""
+    proc = python_process(settings, name, "components", "query", env=env).start()
+    yield proc.wait_for_log("query callee registered")
+    return proc
 
 
 # ---- WAMP sessions in the test process (pytest-twisted runs the reactor)

@@ -1,0 +1,424 @@
+"""The ingest service: validate, de-duplicate, batch, seal and commit readings; report what to acknowledge.
+
+Threads: :meth:`IngestService.ingest` and :meth:`IngestService.tick` run on the caller's thread (the
+reactor); sealing and writing run on one writer thread, so a slow disk never stalls the caller. Between
+them sits a bounded queue of closed batches. When it is full, the service *sheds*: readings arriving
+until the writer catches up are counted and dropped, not acknowledged, so devices that number their
+readings send them again; memory never grows without bound.
+
+Delivery (readings with ``seq``): per device, storage accepts seq numbers in order, starting at 1. A seq
+below the next expected one is a duplicate and is dropped; one above it (a gap, after a lost event) is
+dropped too and the device sends again from its last acknowledged seq. The highest committed seq per
+device is part of the state record committed in the same transaction as the batch, and is only then
+acknowledged.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import queue
+import threading
+import time
+import zlib
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from components import readings as rd
+from components.batches import OpenBatch, open_state, seal_batch, seal_state
+from components.crypto import KeyRing
+from components.errors import IotError
+from components.readings import Columns
+from components.settings import BatchingSettings, StorageSettings
+from components.store import BatchStore
+from components.uris import parse_sensor_topic
+
+log = logging.getLogger(__name__)
+
+STATE_PREFIX = "storage/"
+STATE_VERSION = 1
+STATS_WRITE_INTERVAL_S = 1.0
+REJECT_LOG_INTERVAL_S = 1.0
+RETRY_MIN_S, RETRY_MAX_S = 0.05, 5.0
+SHED = "shed"
+
+
+def shard_of(device_id: str, shards: int) -> int:
+    """The storage shard that stores ``device_id`` (stable across processes and restarts)."""
+    return zlib.crc32(device_id.encode("utf-8")) % shards
+
+
+def state_name(shard: int, shards: int) -> str:
+    """Name of the state record of one storage instance."""
+    return f"{STATE_PREFIX}{shard}-of-{shards}"
+
+
+@dataclass
+class Counters:
+    """What storage counts (cumulative across restarts; ``queue_depth`` is instantaneous)."""
+
+    received: int = 0
+    stored: int = 0
+    duplicates: int = 0
+    out_of_order: int = 0
+    shed: int = 0
+    batches: int = 0
+    bytes: int = 0
+    rejected: Counter[str] = field(default_factory=Counter)
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain dict (for the state record and iot.get_stats)."""
+        return {"received": self.received, "stored": self.stored, "duplicates": self.duplicates,
+                "out_of_order": self.out_of_order, "shed": self.shed, "batches": self.batches,
+                "bytes": self.bytes, "rejected": dict(self.rejected)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Counters:
+        """Inverse of :meth:`as_dict`."""
+        return cls(d.get("received", 0), d.get("stored", 0), d.get("duplicates", 0), d.get("out_of_order", 0),
+                   d.get("shed", 0), d.get("batches", 0), d.get("bytes", 0), Counter(d.get("rejected", {})))
+
+
+@dataclass
+class StorageState:
+    """What a storage instance has committed: seq marks, a per-device summary, counters."""
+
+    seq: dict[str, int] = field(default_factory=dict)
+    # device -> sensor type -> [count, first_ts, last_ts, last_received_at, latest [ts, value, seq, data, rec]]
+    devices: dict[str, dict[str, list[Any]]] = field(default_factory=dict)
+    counters: Counters = field(default_factory=Counters)
+
+    def apply(self, batches: list[OpenBatch], marks: dict[str, int]) -> int:
+        """Fold committed batches and seq marks into the summary; return the number of readings."""
+        n = 0
+        for batch in batches:
+            for device_id, sensor_type, rec, ts, values, seqs, datas in batch.groups:
+                n += len(ts)
+                lo, hi = min(ts), max(ts)
+                entry = self.devices.setdefault(device_id, {}).get(sensor_type)
+                if entry is None:
+                    entry = self.devices[device_id][sensor_type] = [0, lo, hi, rec, None]
+                entry[0] += len(ts)
+                entry[1] = min(entry[1], lo)
+                entry[3] = max(entry[3], rec)
+                if entry[4] is None or hi >= entry[4][0]:
+                    i = ts.index(hi)
+                    entry[4] = [hi, values[i], seqs[i] if seqs else None, datas[i] if datas else None, rec]
+                entry[2] = max(entry[2], hi)
+        for device_id, seq in marks.items():
+            if seq > self.seq.get(device_id, 0):
+                self.seq[device_id] = seq
+        return n
+
+    def record(self, shard: int, shards: int, queue_depth: int) -> dict[str, Any]:
+        """The value sealed into the state record."""
+        return {"v": STATE_VERSION, "shard": shard, "shards": shards, "seq": self.seq, "devices": self.devices,
+                "counters": self.counters.as_dict(), "queue_depth": queue_depth, "written_at": time.time()}
+
+
+@dataclass
+class _Job:
+    batches: list[OpenBatch]
+    marks: dict[str, int]
+    counters: dict[str, Any]
+
+
+_STOP = object()
+
+
+class IngestService:
+    """Storage's core. ``on_commit(acks)`` is called (from the writer thread) with device -> committed seq."""
+
+    def __init__(self, storage: StorageSettings, batching: BatchingSettings, store: BatchStore,
+                 keys: Callable[[], KeyRing], on_commit: Callable[[dict[str, int]], None],
+                 clock: Callable[[], float] = time.time) -> None:
+        """Ingest into ``store``, sealing with ``keys()`` (called per write, so a rekey is picked up)."""
+        self._store = store
+        self._keys = keys
+        self._on_commit = on_commit
+        self._clock = clock
+        self._shard, self._shards = storage.shard, storage.shards
+        self._bucket_s = storage.bucket_seconds
+        self._max_readings, self._max_bytes, self._max_age = (batching.max_readings, batching.max_bytes,
+                                                              batching.max_age_s)
+        self._queue: queue.Queue[Any] = queue.Queue(maxsize=storage.writer_queue)
+        self._name = state_name(self._shard, self._shards)
+        # caller-thread state
+        self.counters = Counters()
+        self._open: dict[int, OpenBatch] = {}
+        self._open_count = 0
+        self._open_bytes = 0
+        self._open_since: float | None = None
+        self._marks: dict[str, int] = {}
+        self._next_seq: dict[str, int] = {}
+        self._reacks: set[str] = set()
+        self._held: _Job | None = None
+        self._reject_log: Counter[str] = Counter()
+        self._reject_example: dict[str, str] = {}
+        self._last_reject_log = 0.0
+        self._last_state_write = 0.0
+        self._dirty = False
+        # writer-thread state
+        self._state = StorageState()
+        self._stopping = threading.Event()
+        self._writer = threading.Thread(target=self._run, name="storage-writer", daemon=True)
+        self.lost_on_shutdown = 0
+
+    # ---- start and stop
+    def start(self) -> None:
+        """Load committed state (seq marks of every shard, own summary and counters), start the writer."""
+        ring = self._keys()
+        for sealed in self._store.states(STATE_PREFIX):
+            value = open_state(ring, sealed)
+            for device_id, seq in value.get("seq", {}).items():
+                # every shard's marks: a device that moved shards keeps its sequence
+                if seq > self._state.seq.get(device_id, 0):
+                    self._state.seq[device_id] = seq
+            if sealed.name == self._name:
+                self._state.devices = value.get("devices", {})
+                self._state.counters = Counters.from_dict(value.get("counters", {}))
+        self.counters = copy.deepcopy(self._state.counters)
+        self._writer.start()
+        log.info("storage %s started: %d device(s) known, %d readings stored so far", self._name,
+                 len(self._state.devices), self.counters.stored)
+
+    def flush(self, timeout: float = 30.0) -> bool:
+        """Seal and commit everything open, stop the writer; True if all of it was committed in time."""
+        deadline = time.monotonic() + timeout
+        jobs: list[Any] = [j for j in (self._held, self._close_open()) if j is not None]
+        self._held = None
+        jobs += [_Job([], {}, self._counter_snapshot()), _STOP]  # final counters, then stop
+        for j in jobs:
+            try:
+                self._queue.put(j, timeout=max(0.01, deadline - time.monotonic()))
+            except queue.Full:
+                if isinstance(j, _Job):
+                    self.lost_on_shutdown += sum(b.count for b in j.batches)
+        self._writer.join(max(0.0, deadline - time.monotonic()))
+        if self._writer.is_alive():
+            self._stopping.set()
+            self._writer.join(5.0)
+        while True:
+            try:
+                j = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if isinstance(j, _Job):
+                self.lost_on_shutdown += sum(b.count for b in j.batches)
+        if self.lost_on_shutdown:
+            log.error("storage could not commit %d readings before shutdown (not acknowledged: devices that "
+                      "number their readings will send them again)", self.lost_on_shutdown)
+        return self.lost_on_shutdown == 0
+
+    # ---- caller thread
+    def ingest(self, topic: str, payload: object, received_at: float | None = None) -> None:
+        """Take one event published on ``topic``. Never raises on bad input: it is counted instead."""
+        parsed = parse_sensor_topic(topic)
+        n_total = len(payload) if type(payload) is list else 1
+        if parsed is None or not rd.valid_id(parsed[0]) or not rd.valid_id(parsed[1]):
+            self.counters.received += n_total
+            self._reject(rd.BAD_TOPIC, n_total, topic)
+            return
+        device_id, sensor_type = parsed
+        if self._shards > 1 and shard_of(device_id, self._shards) != self._shard:
+            return
+        self.counters.received += n_total
+        self._dirty = True
+        if self._held is not None:
+            self.counters.shed += n_total
+            self._reject_log[SHED] += n_total
+            return
+        cols, rejected = rd.validate_event(device_id, sensor_type, payload)
+        for _, reason in rejected:
+            self._reject(reason, 1, topic)
+        if rejected or any(s is not None for s in cols.seqs):
+            cols = self._sequence(device_id, payload, cols, rejected)
+        if len(cols.ts):
+            self._add(device_id, sensor_type, self._clock() if received_at is None else received_at, cols)
+
+    def _reject(self, reason: str, n: int, topic: str) -> None:
+        self.counters.rejected[reason] += n
+        self._reject_log[reason] += n
+        self._reject_example.setdefault(reason, topic)
+
+    def _sequence(self, device_id: str, payload: object, cols: Columns, rejected: list[tuple[int, str]]
+                  ) -> Columns:
+        committed = self._state.seq.get(device_id, 0)
+        expected = self._next_seq.get(device_id, committed + 1)
+        start = expected
+        raw = payload if type(payload) is list else [payload]
+        bad = dict(rejected)
+        keep: list[int] = []
+        accepted = 0
+        for i, reading in enumerate(raw):
+            if i in bad:
+                seq = reading.get("seq") if type(reading) is dict else None
+                if type(seq) is int and seq == expected:
+                    expected += 1  # a refused reading still uses up its seq: resending it would not help
+                continue
+            seq = cols.seqs[accepted]
+            if seq is None:
+                keep.append(accepted)
+            elif seq == expected:
+                keep.append(accepted)
+                expected += 1
+            elif seq < expected:
+                self.counters.duplicates += 1
+                if seq <= committed:
+                    self._reacks.add(device_id)
+            else:
+                self.counters.out_of_order += 1
+            accepted += 1
+        if expected != start:
+            self._next_seq[device_id] = expected
+            self._marks[device_id] = expected - 1
+            if self._open_since is None:
+                self._open_since = self._clock()
+        if len(keep) == len(cols.ts):
+            return cols
+        out = Columns([cols.ts[i] for i in keep], [cols.values[i] for i in keep], [cols.seqs[i] for i in keep],
+                      [cols.datas[i] for i in keep])
+        out.data_bytes = cols.data_bytes if any(d is not None for d in out.datas) else 0
+        return out
+
+    def _add(self, device_id: str, sensor_type: str, received_at: float, cols: Columns) -> None:
+        bucket_s = self._bucket_s
+        lo_bucket, hi_bucket = int(min(cols.ts) // bucket_s), int(max(cols.ts) // bucket_s)
+        if lo_bucket == hi_bucket:
+            parts = [(lo_bucket, cols)]
+        else:  # readings of one event across buckets: split, so a batch never spans more than a bucket
+            split: dict[int, list[int]] = {}
+            for i, t in enumerate(cols.ts):
+                split.setdefault(int(t // bucket_s), []).append(i)
+            parts = []
+            for bucket, idx in split.items():
+                part = Columns([cols.ts[i] for i in idx], [cols.values[i] for i in idx],
+                               [cols.seqs[i] for i in idx], [cols.datas[i] for i in idx])
+                part.data_bytes = cols.data_bytes * len(idx) // len(cols.ts)
+                parts.append((bucket, part))
+        now = self._clock()
+        for bucket, part in parts:
+            batch = self._open.get(bucket)
+            if batch is None:
+                batch = self._open[bucket] = OpenBatch(bucket, now)
+            before = batch.nbytes
+            batch.add(device_id, sensor_type, received_at, part)
+            self._open_count += len(part.ts)
+            self._open_bytes += batch.nbytes - before
+        if self._open_since is None:
+            self._open_since = now
+        if self._open_count >= self._max_readings or self._open_bytes >= self._max_bytes:
+            self._submit(self._close_open())
+
+    def _counter_snapshot(self) -> dict[str, Any]:
+        return self.counters.as_dict()
+
+    def _close_open(self) -> _Job | None:
+        if not self._open and not self._marks:
+            return None
+        job = _Job(list(self._open.values()), self._marks, self._counter_snapshot())
+        self._open, self._marks = {}, {}
+        self._open_count = self._open_bytes = 0
+        self._open_since = None
+        return job
+
+    def _submit(self, job: _Job | None) -> None:
+        if job is None:
+            return
+        try:
+            self._queue.put_nowait(job)
+            self._last_state_write = self._clock()
+        except queue.Full:
+            self._held = job
+            log.warning("storage writer is behind (%d batches queued): shedding new readings until it catches up",
+                        self._queue.qsize())
+
+    def tick(self) -> dict[str, int]:
+        """Periodic work: close aged batches, hand a held batch to the writer, write counters, log rejections.
+
+        Returns acks to re-send: devices that sent duplicates of readings already committed.
+        """
+        now = self._clock()
+        if self._held is not None:
+            try:
+                self._queue.put_nowait(self._held)
+                self._held = None
+                log.info("storage writer caught up: taking readings again")
+            except queue.Full:
+                pass
+        if self._open_since is not None and self._held is None and now - self._open_since >= self._max_age:
+            self._submit(self._close_open())
+        if (self._dirty and self._held is None and self._queue.empty()
+                and now - self._last_state_write >= STATS_WRITE_INTERVAL_S):
+            self._dirty = False
+            self._submit(_Job([], {}, self._counter_snapshot()))
+        if self._reject_log and now - self._last_reject_log >= REJECT_LOG_INTERVAL_S:
+            summary = ", ".join(f"{n} {reason} (e.g. on {self._reject_example.get(reason, '-')})"
+                                for reason, n in sorted(self._reject_log.items()))
+            log.warning("refused readings in the last %.0fs: %s", now - self._last_reject_log
+                        if self._last_reject_log else REJECT_LOG_INTERVAL_S, summary)
+            self._reject_log.clear()
+            self._reject_example.clear()
+            self._last_reject_log = now
+        reacks = {d: self._state.seq[d] for d in self._reacks if d in self._state.seq}
+        self._reacks.clear()
+        return reacks
+
+    def stats(self) -> dict[str, Any]:
+        """Counters as of now, with the queue depth."""
+        out = self.counters.as_dict()
+        out["stored"], out["batches"], out["bytes"] = (self._state.counters.stored, self._state.counters.batches,
+                                                       self._state.counters.bytes)
+        out["queue_depth"] = self.queue_depth()
+        return out
+
+    def queue_depth(self) -> int:
+        """Closed batches waiting for the writer (a held one included)."""
+        return self._queue.qsize() + (1 if self._held is not None else 0)
+
+    # ---- writer thread
+    def _run(self) -> None:
+        while True:
+            job = self._queue.get()
+            if job is _STOP:
+                return
+            if not self._write(job):
+                self.lost_on_shutdown += sum(b.count for b in job.batches)
+
+    def _write(self, job: _Job) -> bool:
+        ring = self._keys()
+        sealed = [seal_batch(ring, b) for b in job.batches]  # sealed once: a retry writes the same uids
+        n = self._state.apply(job.batches, job.marks)
+        counters = self._state.counters
+        pending = Counters.from_dict(job.counters)
+        pending.stored, pending.batches = counters.stored + n, counters.batches + len(sealed)
+        pending.bytes = counters.bytes
+        delay = RETRY_MIN_S
+        failures = 0
+        while True:
+            state = StorageState(self._state.seq, self._state.devices, pending)
+            try:
+                record = state.record(self._shard, self._shards, self.queue_depth())
+                written = self._store.commit(sealed, seal_state(ring, self._name, record))
+                break
+            except IotError as err:
+                failures += 1
+                if failures == 1 or failures % 20 == 0:
+                    log.error("storage write failed (%s); keeping %d readings and retrying", err, n)
+                if self._stopping.wait(delay):
+                    return False
+                delay = min(RETRY_MAX_S, delay * 2)
+            except Exception:
+                log.exception("unexpected error writing a batch; retrying")
+                if self._stopping.wait(delay):
+                    return False
+                delay = min(RETRY_MAX_S, delay * 2)
+        if failures:
+            log.info("storage write succeeded after %d failed attempts", failures)
+        pending.bytes += written
+        self._state.counters = pending
+        if job.marks:
+            self._on_commit({d: self._state.seq[d] for d in job.marks})
+        return True
