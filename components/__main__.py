@@ -24,6 +24,9 @@ def _parser() -> argparse.ArgumentParser:
     router.add_argument("--loglevel", default="info", help="Crossbar log level (default: info)")
     sub.add_parser("storage", help="run the storage subscriber (readings -> sealed batches -> backend)")
     sub.add_parser("query", help="run a query callee (registers the iot.* query procedures, round robin)")
+    rekey = sub.add_parser("rekey", help="re-seal every stored record under a new key (safe to interrupt and rerun)")
+    rekey.add_argument("--grace", type=float, default=3.0,
+                       help="seconds to wait after adding the new key, for running services to pick it up")
     sub.add_parser("secrets", help="create missing local secrets (tickets, simulated devices' keys)")
     sub.add_parser("settings", help="print the effective settings as JSON (no secrets in them)")
     sub.add_parser("settings-table", help="print every setting with its environment variable (Markdown)")
@@ -79,6 +82,8 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
         from components.query_callee import run as run_query
 
         return run_query(settings)
+    if args.command == "rekey":
+        return _rekey(settings, args.grace)
     if args.command == "router":
         from components.launcher import crossbar_argv
 
@@ -110,6 +115,32 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
         print(f"principal {args.authid} ({args.role}) created; ticket in {store.ticket_file(args.authid)}")
         return 0
     raise AssertionError(f"unhandled command {args.command}")
+
+
+def _rekey(settings: Settings, grace: float) -> int:
+    from components.crypto import KeyFile, load_keyring
+    from components.logs import setup_logging
+    from components.rekey import rekey_file, rekey_ring
+    from components.store import open_store
+
+    setup_logging(settings.log_level)
+    if settings.keys.source == "passphrase":
+        raise ConfigError("keys.source=passphrase: a passphrase key cannot be rotated in place; switch to "
+                          "keys.source=env with the new key first in IOT_KEYS and the old one after it, then rekey")
+    store = open_store(settings.storage)
+    try:
+        if settings.keys.source == "file":
+            report = rekey_file(store, KeyFile(settings.keys.file), grace)
+        else:
+            report = rekey_ring(store, load_keyring(settings.keys, os.environ))
+    finally:
+        store.close()
+    print(f"{'resumed: ' if report.resumed else ''}{report.resealed} records re-sealed under key "
+          f"{report.active_key} in {report.passes} pass(es)"
+          + (f"; removed old key(s) {', '.join(report.dropped_keys)}" if report.dropped_keys else ""))
+    if settings.keys.source == "env":
+        print("now remove every key but the first from IOT_KEYS")
+    return 0
 
 
 if __name__ == "__main__":

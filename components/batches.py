@@ -18,7 +18,7 @@ import msgpack
 from components.crypto import KeyRing
 from components.errors import DecryptionFailed
 from components.readings import Columns
-from components.store import AUDIT, BATCH, Kind, SealedBatch, SealedState
+from components.store import BATCH, Kind, SealedBatch, SealedState
 
 FORMAT = 1
 _OVERHEAD_PER_READING = 24
@@ -44,13 +44,18 @@ class OpenBatch:
 
     def add(self, device_id: str, sensor_type: str, received_at: float, cols: Columns) -> None:
         """Add one event's accepted readings (all of this batch's bucket)."""
-        n = len(cols.ts)
         seqs = cols.seqs if any(s is not None for s in cols.seqs) else None
         datas = cols.datas if cols.data_bytes else None
-        self.groups.append([device_id, sensor_type, received_at, cols.ts, cols.values, seqs, datas])
+        self.add_group([device_id, sensor_type, received_at, cols.ts, cols.values, seqs, datas], cols.data_bytes)
+
+    def add_group(self, group: Group, data_bytes: int = 0) -> None:
+        """Add a group as it is stored."""
+        received_at, ts = group[2], group[3]
+        n = len(ts)
+        self.groups.append(group)
         self.count += n
-        self.nbytes += n * _OVERHEAD_PER_READING + _OVERHEAD_PER_GROUP + cols.data_bytes
-        lo, hi = min(cols.ts), max(cols.ts)
+        self.nbytes += n * _OVERHEAD_PER_READING + _OVERHEAD_PER_GROUP + data_bytes
+        lo, hi = min(ts), max(ts)
         if lo < self.lo:
             self.lo = lo
         if hi > self.hi:
@@ -59,6 +64,41 @@ class OpenBatch:
             self.rec_lo = received_at
         if received_at > self.rec_hi:
             self.rec_hi = received_at
+
+
+def _slice(group: Group, a: int, b: int) -> Group:
+    device_id, sensor_type, rec, ts, values, seqs, datas = group
+    return [device_id, sensor_type, rec, ts[a:b], values[a:b], seqs[a:b] if seqs else None,
+            datas[a:b] if datas else None]
+
+
+def _fitting(group: Group, limit: int) -> list[tuple[Group, int]]:
+    """The group, cut into slices whose encoded size is at most ``limit`` (with their sizes)."""
+    size = len(msgpack.packb(group))
+    n = len(group[3])
+    if size <= limit or n == 1:
+        return [(group, size)]
+    half = n // 2
+    return _fitting(_slice(group, 0, half), limit) + _fitting(_slice(group, half, n), limit)
+
+
+def split_batch(batch: OpenBatch, limit: int | None) -> list[OpenBatch]:
+    """Cut a batch into parts whose sealed body stays under ``limit`` bytes (for backends with an item limit)."""
+    if limit is None or batch.nbytes * 2 < limit:
+        return [batch]
+    budget = limit - 64  # msgpack framing, nonce and tag
+    parts: list[OpenBatch] = []
+    current, used = OpenBatch(batch.bucket, batch.opened_at), 0
+    for group in batch.groups:
+        for piece, size in _fitting(group, budget):
+            if current.groups and used + size > budget:
+                parts.append(current)
+                current, used = OpenBatch(batch.bucket, batch.opened_at), 0
+            current.add_group(piece)
+            used += size
+    if current.groups:
+        parts.append(current)
+    return parts
 
 
 def batch_ad(kind: Kind, uid: str, bucket: int, lo: float, hi: float, rec_lo: float, rec_hi: float, count: int,
@@ -135,5 +175,3 @@ def iter_readings(groups: list[Group]) -> Iterator[tuple[str, str, float, float,
             yield (device_id, sensor_type, received_at, t, values[i], seqs[i] if seqs else None,
                    datas[i] if datas else None)
 
-
-AUDIT_KIND: Kind = AUDIT

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from components import readings as rd
-from components.batches import OpenBatch, open_state, seal_batch, seal_state
+from components.batches import OpenBatch, open_state, seal_batch, seal_state, split_batch
 from components.crypto import KeyRing
 from components.errors import IotError
 from components.readings import Columns
@@ -389,7 +389,9 @@ class IngestService:
 
     def _write(self, job: _Job) -> bool:
         ring = self._keys()
-        sealed = [seal_batch(ring, b) for b in job.batches]  # sealed once: a retry writes the same uids
+        limit = self._store.max_body_bytes
+        # sealed once: a retry writes the same uids; cut first where the backend limits a record's size
+        sealed = [seal_batch(ring, part) for b in job.batches for part in split_batch(b, limit)]
         n = self._state.apply(job.batches, job.marks)
         counters = self._state.counters
         pending = Counters.from_dict(job.counters)

@@ -82,7 +82,7 @@ class QueryAdapter:
         result = self.service.call(procedure, args, kwargs, progressive=streaming)
         if not streaming:
             return (len(result) if isinstance(result, list) else None), result
-        rows, last = 0, []
+        rows, last = 0, list[Any]()
         for chunk in result:
             if last:
                 self.reactor.callFromThread(progress, last)
@@ -102,7 +102,9 @@ def run(settings: Settings, authid: str = "query") -> int:
     setup_logging(settings.log_level)
     txaio.use_twisted()
     txaio.start_logging(level=settings.log_level)
-    from twisted.internet import reactor
+    from twisted.internet import reactor as default_reactor
+
+    reactor: Any = default_reactor
 
     try:
         keys = KeySource(settings.keys, os.environ)

@@ -102,7 +102,9 @@ def run(settings: Settings, authid: str = "storage") -> int:
     setup_logging(settings.log_level)
     txaio.use_twisted()
     txaio.start_logging(level=settings.log_level)
-    from twisted.internet import reactor
+    from twisted.internet import reactor as default_reactor
+
+    reactor: Any = default_reactor
 
     try:
         keys = KeySource(settings.keys, os.environ)

@@ -14,9 +14,9 @@ from typing import Literal, Protocol
 
 from components.settings import StorageSettings
 
-BATCH = "batch"
-AUDIT = "audit"
 Kind = Literal["batch", "audit"]
+BATCH: Literal["batch"] = "batch"
+AUDIT: Literal["audit"] = "audit"
 
 
 def span_class(span: float) -> int:
@@ -59,6 +59,9 @@ class SealedState:
 
 class BatchStore(Protocol):
     """What storage and queries need from a backend. Every method may raise StorageUnavailable."""
+
+    max_body_bytes: int | None
+    """Largest sealed body one record may hold (None: no limit); storage cuts batches to fit before sealing."""
 
     def commit(self, batches: Sequence[SealedBatch], state: SealedState | None) -> int:
         """Store batches and replace a state record, atomically where the backend can; return bytes written.

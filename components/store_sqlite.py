@@ -53,6 +53,8 @@ def _row(r: Sequence[Any]) -> SealedBatch:
 class SqliteBatchStore:
     """Implements :class:`components.store.BatchStore` on a SQLite file (one connection per thread)."""
 
+    max_body_bytes: int | None = None
+
     def __init__(self, path: str | Path) -> None:
         """Open (creating or upgrading the schema of) the database at ``path``."""
         self.path = str(path)

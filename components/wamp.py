@@ -24,7 +24,7 @@ class Session(ApplicationSession):
     flood the log. Other errors are still logged with their traceback.
     """
 
-    def onUserError(self, fail: Any, msg: str) -> None:  # noqa: N802 - autobahn's name
+    def onUserError(self, fail: Any, msg: str) -> None:
         """Skip ``iot.error.*`` answers; log the rest."""
         err = getattr(fail, "value", None)
         if isinstance(err, ApplicationError) and err.error.startswith("iot.error."):

@@ -1,0 +1,60 @@
+"""Filling a real store through the real ingest service, without a router (for core-level tests)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from components.crypto import KeyRing
+from components.ingest import IngestService
+from components.settings import BatchingSettings, QuerySettings, StorageSettings
+from components.store import BatchStore
+
+STORAGE = StorageSettings(backend="sqlite")
+BATCHING = BatchingSettings()
+QUERY = QuerySettings()
+
+
+def new_ring() -> KeyRing:
+    """A key ring with one fresh key."""
+    return KeyRing.of([os.urandom(32)])
+
+
+@dataclass
+class Ingested:
+    """An ingest service over a store, with what it acknowledged."""
+
+    service: IngestService
+    acks: list[dict[str, int]] = field(default_factory=list)
+
+    def events(self, events: Iterable[tuple[str, Any, float]]) -> Ingested:
+        """Ingest (topic, payload, received_at) events."""
+        for topic, payload, received_at in events:
+            self.service.ingest(topic, payload, received_at)
+        return self
+
+    def flush(self) -> Ingested:
+        """Commit everything and stop the writer."""
+        assert self.service.flush(30)
+        return self
+
+
+def ingest(store: BatchStore, ring: KeyRing, storage: StorageSettings = STORAGE, batching: BatchingSettings = BATCHING,
+           clock: Any = None) -> Ingested:
+    """A started ingest service writing to ``store``."""
+    holder: list[Ingested] = []
+    kwargs = {"clock": clock} if clock else {}
+    service = IngestService(storage, batching, store, lambda: ring, lambda acks: holder[0].acks.append(acks),
+                            **kwargs)
+    holder.append(Ingested(service))
+    service.start()
+    return holder[0]
+
+
+def fill(store: BatchStore, ring: KeyRing, events: Iterable[tuple[str, Any, float]], **settings: Any) -> Ingested:
+    """Ingest events and commit them."""
+    storage = replace(STORAGE, **{k: v for k, v in settings.items() if hasattr(STORAGE, k)})
+    batching = replace(BATCHING, **{k: v for k, v in settings.items() if hasattr(BATCHING, k)})
+    return ingest(store, ring, storage, batching).events(events).flush()
