@@ -103,8 +103,12 @@ def split_batch(batch: OpenBatch, limit: int | None) -> list[OpenBatch]:
 
 def batch_ad(kind: Kind, uid: str, bucket: int, lo: float, hi: float, rec_lo: float, rec_hi: float, count: int,
              key_id: str, fmt: int) -> bytes:
-    """Associated data: every clear field of the record, so none can change without the body failing to open."""
-    return b"sensorhub|" + msgpack.packb([kind, fmt, key_id, uid, bucket, lo, hi, rec_lo, rec_hi, count])
+    """Associated data: every clear field of the record, so none can change without the body failing to open.
+
+    Bounds are packed as floats: a backend may hand back 1500052521 (an integer ts) as 1500052521.0.
+    """
+    return b"sensorhub|" + msgpack.packb([kind, fmt, key_id, uid, int(bucket), float(lo), float(hi), float(rec_lo),
+                                          float(rec_hi), int(count)])
 
 
 def seal_groups(ring: KeyRing, groups: list[Group], bucket: int, lo: float, hi: float, rec_lo: float,
@@ -114,7 +118,8 @@ def seal_groups(ring: KeyRing, groups: list[Group], bucket: int, lo: float, hi: 
     plaintext = msgpack.packb([FORMAT, groups])
     kid = ring.active_id
     key_id, body = ring.seal(plaintext, batch_ad(kind, uid, bucket, lo, hi, rec_lo, rec_hi, count, kid, FORMAT))
-    return SealedBatch(uid, bucket, lo, hi, rec_lo, rec_hi, count, key_id, body, FORMAT)
+    return SealedBatch(uid, int(bucket), float(lo), float(hi), float(rec_lo), float(rec_hi), count, key_id, body,
+                       FORMAT)
 
 
 def seal_batch(ring: KeyRing, batch: OpenBatch) -> SealedBatch:

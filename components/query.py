@@ -125,26 +125,28 @@ class BatchCache:
         """Hold at most ``max_readings`` readings."""
         self._max = max_readings
         self._held = 0
-        self._items: OrderedDict[bytes, tuple[int, list[Group]]] = OrderedDict()
+        self._items: OrderedDict[str, tuple[SealedBatch, list[Group]]] = OrderedDict()
         self._lock = threading.Lock()
 
     def groups(self, ring: KeyRing, sealed: SealedBatch) -> list[Group]:
-        """The batch's groups, from the cache or freshly opened (the nonce identifies one sealing)."""
-        key = sealed.body[:12]
+        """The batch's groups: from the cache only if the record is byte for byte the one that was opened
+        (so an edited index field or a moved body is never served from memory), else freshly opened."""
         with self._lock:
-            hit = self._items.get(key)
-            if hit is not None:
-                self._items.move_to_end(key)
+            hit = self._items.get(sealed.uid)
+            if hit is not None and hit[0] == sealed:
+                self._items.move_to_end(sealed.uid)
                 return hit[1]
         groups = open_groups(ring, sealed)
         if sealed.count <= self._max:
             with self._lock:
-                if key not in self._items:
-                    self._items[key] = (sealed.count, groups)
-                    self._held += sealed.count
-                    while self._held > self._max:
-                        _, (n, _) = self._items.popitem(last=False)
-                        self._held -= n
+                old = self._items.pop(sealed.uid, None)
+                if old is not None:
+                    self._held -= old[0].count
+                self._items[sealed.uid] = (sealed, groups)
+                self._held += sealed.count
+                while self._held > self._max:
+                    _, (evicted, _) = self._items.popitem(last=False)
+                    self._held -= evicted.count
         return groups
 
 

@@ -7,7 +7,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from autobahn.twisted.component import Component
-from autobahn.twisted.wamp import ApplicationSession
+from autobahn.twisted.wamp import Session as _ComponentSession
 from autobahn.wamp.exception import ApplicationError
 from twisted.internet import defer
 
@@ -17,8 +17,8 @@ from components.settings import RouterSettings
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 
 
-class Session(ApplicationSession):
-    """An ApplicationSession that does not log the project's own errors answered to callers.
+class Session(_ComponentSession):
+    """A component session that does not log the project's own errors answered to callers.
 
     A caller's bad argument is answered with ``iot.error.*``; logging each one would let any caller
     flood the log. Other errors are still logged with their traceback.

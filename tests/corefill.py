@@ -7,6 +7,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from components import uris
 from components.crypto import KeyRing
 from components.ingest import IngestService
 from components.settings import BatchingSettings, QuerySettings, StorageSettings
@@ -58,3 +59,21 @@ def fill(store: BatchStore, ring: KeyRing, events: Iterable[tuple[str, Any, floa
     storage = replace(STORAGE, **{k: v for k, v in settings.items() if hasattr(STORAGE, k)})
     batching = replace(BATCHING, **{k: v for k, v in settings.items() if hasattr(BATCHING, k)})
     return ingest(store, ring, storage, batching).events(events).flush()
+
+
+H, T = "humidity", "temperature"
+
+
+def topic(device: str, sensor: str) -> str:
+    """The topic of a device's readings of one sensor type."""
+    return uris.sensor_topic(device, sensor)
+
+
+def dataset() -> list[tuple[str, Any, float]]:
+    """Three devices, overlapping time ranges, several batches (max_readings=7 in fill)."""
+    return [
+        (topic("1", H), [{"value": float(i), "ts": 1000.0 + i, "seq": i + 1} for i in range(10)], 5000.0),
+        (topic("2", T), [{"value": 100.0 + i, "ts": 1005.0 + i} for i in range(10)], 5001.0),
+        (topic("43", H), {"value": 7.5, "ts": 2000.25, "data": {"fw": "1.0"}}, 6000.0),
+        (topic("1", T), [{"value": -1.0, "ts": 1003.0}, {"value": -2.0, "ts": 1003.0}], 6000.5),
+    ]

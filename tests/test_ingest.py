@@ -235,3 +235,12 @@ def test_a_large_batch_is_cut_to_the_backend_record_limit_before_sealing() -> No
         assert len(sealed.body) <= 64 * 1024
         assert sum(len(g[3]) for g in open_groups(ring, sealed)) == part.count
     assert split_batch(batch, None) == [batch]
+
+
+def test_integer_timestamps_and_values_come_back_unchanged(store) -> None:
+    # JSON clients send 1500052521, not 1500052521.0; the store may hand bounds back as floats
+    ring = new_ring()
+    fill(store, ring, [(uris.sensor_topic("14", H), {"value": 99, "ts": 1500052521}, 1.0)])
+    (got,) = stored(store, ring)
+    assert got["ts"] == 1500052521 and type(got["ts"]) is int
+    assert got["value"] == 99 and type(got["value"]) is int

@@ -18,23 +18,7 @@ from components.errors import DecryptionFailed, InvalidArgument, TooManyResults
 from components.query import AuditLog, QueryService
 from components.rekey import rekey_file, rekey_ring
 from components.store import BatchStore
-from tests.corefill import QUERY, fill, new_ring
-
-H, T = "humidity", "temperature"
-
-
-def topic(device: str, sensor: str) -> str:
-    return uris.sensor_topic(device, sensor)
-
-
-def dataset() -> list[tuple[str, Any, float]]:
-    """Three devices, overlapping time ranges, several batches (max_readings=7 in fill)."""
-    return [
-        (topic("1", H), [{"value": float(i), "ts": 1000.0 + i, "seq": i + 1} for i in range(10)], 5000.0),
-        (topic("2", T), [{"value": 100.0 + i, "ts": 1005.0 + i} for i in range(10)], 5001.0),
-        (topic("43", H), {"value": 7.5, "ts": 2000.25, "data": {"fw": "1.0"}}, 6000.0),
-        (topic("1", T), [{"value": -1.0, "ts": 1003.0}, {"value": -2.0, "ts": 1003.0}], 6000.5),
-    ]
+from tests.corefill import QUERY, H, T, dataset, fill, new_ring, topic
 
 
 def service(store: BatchStore, ring: KeyRing, now: float = 6001.0, **query: Any) -> QueryService:
