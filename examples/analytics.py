@@ -124,15 +124,20 @@ def analyse(reactor: Any, args: argparse.Namespace, settings: Settings, ticket: 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point."""
     args = _parser().parse_args(argv)
+    # txaio logging is not started: Twisted would capture print() into its log, and stdout is the table
     txaio.use_twisted()
-    txaio.start_logging(out=sys.stderr, level="error")  # stdout carries the table only
     try:
         settings = load_settings(args.config)
         ticket = os.environ.get("IOT_TICKET") or CredentialStore(settings.paths.secrets_dir).ticket(args.principal)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    task.react(lambda reactor: analyse(reactor, args, settings, ticket))
+    def run(reactor: Any) -> Any:
+        d = analyse(reactor, args, settings, ticket)
+        d.addErrback(lambda f: (print(f"error: {f.getErrorMessage()}", file=sys.stderr), f)[1])
+        return d
+
+    task.react(run)
     return 0
 
 
