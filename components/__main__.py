@@ -27,6 +27,13 @@ def _parser() -> argparse.ArgumentParser:
     rekey = sub.add_parser("rekey", help="re-seal every stored record under a new key (safe to interrupt and rerun)")
     rekey.add_argument("--grace", type=float, default=3.0,
                        help="seconds to wait after adding the new key, for running services to pick it up")
+    http_call = sub.add_parser("http-call", help="call a procedure through the HTTP bridge (signed if required)")
+    http_call.add_argument("procedure", help="e.g. iot.fetch_between_window")
+    http_call.add_argument("args", nargs="?", default="[]", help="positional arguments as a JSON list")
+    http_call.add_argument("kwargs", nargs="?", default="{}", help="keyword arguments as a JSON object")
+    http_pub = sub.add_parser("http-publish", help="publish readings through the HTTP bridge (signed if required)")
+    http_pub.add_argument("topic", help="e.g. iot.sensor.14.humidity")
+    http_pub.add_argument("reading", help="a reading (or a list of readings) as JSON")
     sub.add_parser("secrets", help="create missing local secrets (tickets, simulated devices' keys)")
     sub.add_parser("settings", help="print the effective settings as JSON (no secrets in them)")
     sub.add_parser("settings-table", help="print every setting with its environment variable (Markdown)")
@@ -82,6 +89,8 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
         from components.query_callee import run as run_query
 
         return run_query(settings)
+    if args.command in ("http-call", "http-publish"):
+        return _http(settings, store, args)
     if args.command == "rekey":
         return _rekey(settings, args.grace)
     if args.command == "router":
@@ -115,6 +124,23 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
         print(f"principal {args.authid} ({args.role}) created; ticket in {store.ticket_file(args.authid)}")
         return 0
     raise AssertionError(f"unhandled command {args.command}")
+
+
+def _http(settings: Settings, store: CredentialStore, args: argparse.Namespace) -> int:
+    from components.httpsign import post
+
+    try:
+        if args.command == "http-call":
+            path, payload = "call", {"procedure": args.procedure, "args": json.loads(args.args),
+                                     "kwargs": json.loads(args.kwargs)}
+        else:
+            path, payload = "publish", {"topic": args.topic, "args": [json.loads(args.reading)]}
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"arguments must be JSON: {err}") from None
+    signing = store.bridge_secret() if settings.router.http_bridge == "signed" else None
+    status, answer = post(f"{routercfg.http_base(settings)}/{path}", payload, signing)
+    print(json.dumps(answer, indent=2))
+    return 0 if status == 200 and not (isinstance(answer, dict) and "error" in answer) else 1
 
 
 def _rekey(settings: Settings, grace: float) -> int:

@@ -70,6 +70,8 @@ class RouterSettings:
     tls_cert: str | None = _setting("PEM certificate: set it and tls_key to serve https:// and wss://", None,
                                     path=True, optional=True)
     tls_key: str | None = _setting("PEM private key for tls_cert", None, path=True, optional=True)
+    tls_trust_root: str | None = _setting("PEM certificate clients trust for wss:// (a self-signed one); "
+                                          "null: the system's CAs", None, path=True, optional=True)
     http_bridge: str = _setting("who may use /publish and /call: loopback clients only, or signed requests",
                                 "loopback", choices=("loopback", "signed"))
     auto_ping_interval_s: float = _setting("WebSocket ping interval; a peer silent for interval+timeout is dropped",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 from typing import Any, TypeVar
+from urllib.parse import urlparse
 
 from autobahn.twisted.component import Component
 from autobahn.twisted.wamp import Session as _ComponentSession
@@ -45,7 +46,7 @@ def device_auth(device_id: str, private_key_hex: str) -> dict[str, Any]:
 def make_component(router: RouterSettings, authentication: dict[str, Any], *, serializer: str | None = None,
                    max_retries: int = -1) -> Component:
     """An autobahn Component that connects to the router and reconnects (with backoff) until stopped."""
-    transport = {
+    transport: dict[str, Any] = {
         "type": "websocket",
         "url": router.url,
         "serializers": [serializer or router.serializer],
@@ -62,6 +63,10 @@ def make_component(router: RouterSettings, authentication: dict[str, Any], *, se
             "open_handshake_timeout": 10,
         },
     }
+    if router.url.startswith("wss://") and router.tls_trust_root:
+        parsed = urlparse(router.url)
+        transport["endpoint"] = {"type": "tcp", "host": parsed.hostname, "port": parsed.port or 443,
+                                 "tls": {"hostname": parsed.hostname, "trust_root": router.tls_trust_root}}
     return Component(transports=[transport], realm=router.realm, authentication=authentication,
                      session_factory=Session)
 

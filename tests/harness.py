@@ -250,17 +250,23 @@ def open_session(settings: Settings, authentication: dict[str, Any], serializer:
     """Connect once; fires with a Session, or fails with the router's refusal."""
     component = make_component(settings.router, authentication, serializer=serializer, max_retries=0)
     joined: defer.Deferred[Session] = defer.Deferred()
+    refused: list[str] = []
 
     def on_join(session: Any, details: Any) -> None:
         if not joined.called:
             joined.callback(Session(component, session))
 
+    def on_leave(session: Any, details: Any) -> None:
+        refused.append(f"{details.reason}: {details.message}")
+
     def on_done(result: Any) -> Any:
         if not joined.called:
-            joined.errback(result if isinstance(result, Exception) else RuntimeError(f"session ended: {result}"))
+            reason = f" ({refused[-1]})" if refused else ""
+            joined.errback(RuntimeError(f"session refused or lost{reason}: {result}"))
         return None
 
     component.on("join", on_join)
+    component.on("leave", on_leave)
     done = component.start(reactor)
     done.addBoth(lambda r: on_done(r.value if hasattr(r, "value") else r))
     return joined
