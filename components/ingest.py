@@ -8,19 +8,19 @@ readings send them again; memory never grows without bound.
 
 Delivery (readings with ``seq``): per device, storage accepts seq numbers in order, starting at 1. A seq
 below the next expected one is a duplicate and is dropped; one above it (a gap, after a lost event) is
-dropped too and the device sends again from its last acknowledged seq. The highest committed seq per
-device is part of the state record committed in the same transaction as the batch, and is only then
-acknowledged.
+dropped too, and the last ack is repeated so the device sends again from there (go-back-N). The highest
+committed seq per device is part of the state record committed in the same transaction as the batch, and
+is only then acknowledged.
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
 import logging
 import queue
 import threading
 import time
-import zlib
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -47,7 +47,9 @@ SHED = "shed"
 
 def shard_of(device_id: str, shards: int) -> int:
     """The storage shard that stores ``device_id`` (stable across processes and restarts)."""
-    return zlib.crc32(device_id.encode("utf-8")) % shards
+    # blake2b mixes short ids like "0".."50" evenly; crc32 puts runs of them on the same shard
+    digest = hashlib.blake2b(device_id.encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "big") % shards
 
 
 def state_name(shard: int, shards: int) -> str:
@@ -270,6 +272,7 @@ class IngestService:
                     self._reacks.add(device_id)
             else:
                 self.counters.out_of_order += 1
+                self._reacks.add(device_id)  # repeat the last ack: the device learns it must go back
             accepted += 1
         if expected != start:
             self._next_seq[device_id] = expected
@@ -338,7 +341,8 @@ class IngestService:
     def tick(self) -> dict[str, int]:
         """Periodic work: close aged batches, hand a held batch to the writer, write counters, log rejections.
 
-        Returns acks to re-send: devices that sent duplicates of readings already committed.
+        Returns acks to re-send: devices that sent duplicates of committed readings (they missed the ack) or
+        readings after a gap (the repeated ack tells them to send again from there).
         """
         now = self._clock()
         if self._held is not None:
@@ -362,7 +366,7 @@ class IngestService:
             self._reject_log.clear()
             self._reject_example.clear()
             self._last_reject_log = now
-        reacks = {d: self._state.seq[d] for d in self._reacks if d in self._state.seq}
+        reacks = {d: self._state.seq.get(d, 0) for d in self._reacks}
         self._reacks.clear()
         return reacks
 

@@ -75,8 +75,8 @@ class RouterSettings:
     http_bridge: str = _setting("who may use /publish and /call: loopback clients only, or signed requests",
                                 "loopback", choices=("loopback", "signed"))
     auto_ping_interval_s: float = _setting("WebSocket ping interval; a peer silent for interval+timeout is dropped",
-                                           10.0, minimum=0.5)
-    auto_ping_timeout_s: float = _setting("how long the router waits for a pong", 10.0, minimum=0.5)
+                                           10.0, minimum=1.0)
+    auto_ping_timeout_s: float = _setting("how long the router waits for a pong", 10.0, minimum=1.0)
 
 
 @dataclass(frozen=True)

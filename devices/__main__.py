@@ -34,8 +34,8 @@ def _parser() -> argparse.ArgumentParser:
     sim.add_argument("--sensor-types", help="comma-separated sensor types (simulator.sensor_types)")
     sim.add_argument("--rate", type=float, help="readings per second per device and sensor type (simulator.rate)")
     sim.add_argument("--count", type=int,
-                     help="readings per device and sensor type, then stop; 0 runs until Ctrl-C (simulator.count); "
-                          "with --classic, the total number of readings")
+                     help="readings per device and sensor type, then stop once storage has acknowledged them all; "
+                          "0 runs until Ctrl-C (simulator.count); with --classic, the total number of readings")
     sim.add_argument("--seed", type=int, help="seed of the values; the same seed gives the same values")
     sim.add_argument("--batch", type=int, help="readings per published event (simulator.batch)")
     sim.add_argument("--classic", action="store_true",
@@ -43,7 +43,7 @@ def _parser() -> argparse.ArgumentParser:
                           "as fast as flow control allows")
     sim.add_argument("--serializer", choices=("msgpack", "json", "cbor"), help="override router.serializer")
 
-    send = sub.add_parser("send", help="publish one reading as one device and exit")
+    send = sub.add_parser("send", help="publish one reading as one device and exit (no seq, no spool: at most once)")
     send.add_argument("--device", required=True, help="device id (must be provisioned)")
     send.add_argument("--sensor-type", required=True, help="sensor type, e.g. humidity")
     send.add_argument("--value", required=True, type=float, help="the reading's value")
@@ -74,12 +74,12 @@ def _plan(settings: Settings, args: argparse.Namespace) -> SimulationPlan:
 
 @defer.inlineCallbacks
 def _send_one(reactor: Any, settings: Settings, args: argparse.Namespace) -> Any:
-    (pub,) = connect_devices(settings, [args.device])
+    (pub,) = connect_devices(settings, [args.device], spooled=False)
     pub.component.start(reactor)
     reading: dict[str, Any] = {"value": args.value, "ts": args.ts if args.ts is not None else time.time()}
     if args.data:
         reading["data"] = json.loads(args.data)
-    ok = yield pub.send(args.sensor_type, reading)
+    ok = yield pub.publish_once(args.sensor_type, reading)
     yield pub.component.stop()
     if not ok:
         raise SystemExit(1)

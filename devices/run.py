@@ -1,9 +1,8 @@
-"""Running simulated devices: one session per device, readings at a steady rate or as a classic data set."""
+"""Running simulated devices: one session and one spool per device, readings at a steady rate or a classic set."""
 
 from __future__ import annotations
 
 import time
-from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -16,6 +15,7 @@ from components.settings import Settings
 from components.wamp import device_auth, make_component
 from devices.publisher import DevicePublisher
 from devices.simulator import SensorSeries, classic_dataset, live_timestamps
+from devices.spool import Spool
 
 log = txaio.make_logger()
 
@@ -32,60 +32,40 @@ class SimulationPlan:
     batch: int
     classic: bool = False
     serializer: str | None = None
+    await_acks: bool = True
+    """With a count: finish only once storage has acknowledged every reading."""
 
 
-def connect_devices(settings: Settings, device_ids: Sequence[str], serializer: str | None = None
-                    ) -> list[DevicePublisher]:
-    """A publisher per device, each logging in with the device's own key."""
+def connect_devices(settings: Settings, device_ids: Sequence[str], serializer: str | None = None,
+                    spooled: bool = True) -> list[DevicePublisher]:
+    """A publisher per device, each logging in with the device's own key (and keeping its own spool)."""
     store = CredentialStore(settings.paths.secrets_dir)
     publishers = []
     for device_id in device_ids:
         component = make_component(settings.router, device_auth(device_id, store.device_key(device_id)),
                                    serializer=serializer)
-        publishers.append(DevicePublisher(component, device_id, settings.device.window))
+        spool = Spool(settings.device.spool_dir, device_id, settings.device.spool_max) if spooled else None
+        publishers.append(DevicePublisher(component, device_id, settings.device.window, spool,
+                                          settings.device.ack_timeout_s))
     return publishers
 
 
-class _Pipeline:
-    """Keeps up to ``window`` sends of one producer in flight; waiting on it is the producer's brake."""
-
-    def __init__(self, window: int) -> None:
-        self._window = window
-        self._inflight: deque[defer.Deferred[Any]] = deque()
-
-    @defer.inlineCallbacks
-    def push(self, d: defer.Deferred[Any]) -> Any:
-        self._inflight.append(d)
-        while len(self._inflight) >= self._window:
-            yield self._inflight.popleft()
-
-    @defer.inlineCallbacks
-    def drain(self) -> Any:
-        while self._inflight:
-            yield self._inflight.popleft()
-
-
-def _event(readings: list[dict[str, Any]]) -> list[dict[str, Any]] | dict[str, Any]:
-    return readings[0] if len(readings) == 1 else readings
-
-
 @defer.inlineCallbacks
-def _live_series(reactor: Any, pub: DevicePublisher, sensor_type: str, plan: SimulationPlan,
-                 window: int) -> Any:
+def _live_series(reactor: Any, pub: DevicePublisher, sensor_type: str, plan: SimulationPlan) -> Any:
+    assert pub.spool is not None
     series = SensorSeries(plan.seed, pub.device_id, sensor_type)
-    pipeline = _Pipeline(window)
+    produced = pub.spool.produced[sensor_type]
+    series.take(produced)  # a device that restarts continues its series where it stopped
     interval = 1.0 / plan.rate
-    sent = 0
+    sent = produced
     last_ts = 0.0
     due = reactor.seconds()
-    yield pub.connected()
     while plan.count == 0 or sent < plan.count:
         n = plan.batch if plan.count == 0 else min(plan.batch, plan.count - sent)
-        values = series.take(n)
         stamps = list(live_timestamps(max(time.time(), last_ts + n * interval), n, interval))
         last_ts = stamps[-1]
-        readings = [{"value": v, "ts": ts} for v, ts in zip(values, stamps, strict=True)]
-        yield pipeline.push(pub.send(sensor_type, _event(readings)))
+        readings = [{"value": v, "ts": ts} for v, ts in zip(series.take(n), stamps, strict=True)]
+        pub.send(sensor_type, readings)
         sent += n
         due += n * interval
         delay = due - reactor.seconds()
@@ -93,49 +73,53 @@ def _live_series(reactor: Any, pub: DevicePublisher, sensor_type: str, plan: Sim
             yield task.deferLater(reactor, delay, lambda: None)
         else:
             due = reactor.seconds()  # running behind: carry on at the rate, never burst to catch up
-    yield pipeline.drain()
+            yield task.deferLater(reactor, 0, lambda: None)
 
 
-@defer.inlineCallbacks
-def _classic_device(pub: DevicePublisher, readings: list[Any], batch: int, window: int) -> Any:
-    pipeline = _Pipeline(window)
-    yield pub.connected()
+def _classic_device(pub: DevicePublisher, readings: list[Any], batch: int) -> None:
+    assert pub.spool is not None
+    skip = dict(pub.spool.produced)  # already spooled by an earlier run
     by_type: dict[str, list[dict[str, Any]]] = {}
     for r in readings:
         by_type.setdefault(r.sensor_type, []).append({"value": r.value, "ts": r.ts})
     for sensor_type, rows in by_type.items():
+        rows = rows[skip.get(sensor_type, 0):]
         for i in range(0, len(rows), batch):
-            yield pipeline.push(pub.send(sensor_type, _event(rows[i:i + batch])))
-    yield pipeline.drain()
+            pub.send(sensor_type, rows[i:i + batch])
 
 
 @defer.inlineCallbacks
 def simulate(reactor: Any, settings: Settings, plan: SimulationPlan) -> Any:
-    """Run the plan until every device sent its count (or forever when count is 0)."""
+    """Run the plan until every device sent its count (and storage acknowledged it), or forever with count 0."""
     publishers = connect_devices(settings, plan.device_ids, plan.serializer)
     for pub in publishers:
         pub.component.start(reactor)
-    # On SIGINT/SIGTERM leave the sessions cleanly before the reactor stops.
+    # On SIGINT/SIGTERM leave the sessions cleanly and close the spools before the reactor stops.
     trigger = reactor.addSystemEventTrigger("before", "shutdown", stop_all, publishers)
-    window = settings.device.window
-    if plan.classic:
-        data = classic_dataset(plan.count or 5000, plan.seed, plan.device_ids, plan.sensor_types)
-        work = [_classic_device(pub, [r for r in data if r.device_id == pub.device_id], plan.batch, window)
-                for pub in publishers]
-    else:
-        work = [_live_series(reactor, pub, t, plan, window) for pub in publishers for t in plan.sensor_types]
     log.info("simulating {n} device(s): {ids}", n=len(publishers), ids=", ".join(plan.device_ids))
     try:
-        yield defer.gatherResults(work, consumeErrors=True)
+        yield defer.gatherResults([p.connected() for p in publishers], consumeErrors=True)
+        if plan.classic:
+            data = classic_dataset(plan.count or 5000, plan.seed, plan.device_ids, plan.sensor_types)
+            for pub in publishers:
+                _classic_device(pub, [r for r in data if r.device_id == pub.device_id], plan.batch)
+        else:
+            yield defer.gatherResults([_live_series(reactor, pub, t, plan) for pub in publishers
+                                       for t in plan.sensor_types], consumeErrors=True)
+        if plan.await_acks:
+            yield defer.gatherResults([p.drained() for p in publishers], consumeErrors=True)
     finally:
-        total = sum(p.published_readings for p in publishers)
-        failed = sum(p.failed_events for p in publishers)
-        log.info("devices published {total} readings ({failed} events failed)", total=total, failed=failed)
         reactor.removeSystemEventTrigger(trigger)
+        total = sum(p.published_readings for p in publishers)
+        dropped = sum(p.spool.dropped for p in publishers if p.spool)
+        log.info("devices published {total} readings ({resends} resends, {dropped} dropped by full spools)",
+                 total=total, resends=sum(p.resends for p in publishers), dropped=dropped)
         yield stop_all(publishers)
 
 
 def stop_all(publishers: Sequence[DevicePublisher]) -> defer.Deferred[Any]:
-    """Leave every device's session (and stop reconnecting)."""
+    """Leave every device's session (and stop reconnecting), close the spools."""
     running = [p.component for p in publishers if p.component._done_f is not None]
+    for p in publishers:
+        p.stop()
     return defer.gatherResults([c.stop() for c in running], consumeErrors=True)

@@ -12,20 +12,21 @@ from twisted.internet import reactor
 from components import uris
 from devices.run import SimulationPlan, simulate
 from devices.simulator import SensorSeries
-from tests.harness import Collector, as_device, as_principal, wait_until
+from tests.harness import Collector, as_device, as_principal, derive_settings, wait_until
 
 
 @pytest.mark.parametrize("batch", [1, 4])
 @pytest_twisted.inlineCallbacks
-def test_simulated_readings_arrive_at_a_subscriber_unchanged(router, router_settings, batch: int) -> None:
-    reader = yield as_principal(router_settings, "dashboard")
+def test_simulated_readings_arrive_at_a_subscriber_unchanged(router, router_settings, tmp_path, batch: int) -> None:
+    settings = derive_settings(router_settings, tmp_path)  # a fresh spool: every device starts at seq 1
+    reader = yield as_principal(settings, "dashboard")
     events = Collector()
     yield events.subscribe(reader, uris.SENSOR_PREFIX)
     plan = SimulationPlan(device_ids=["0", "1"], sensor_types=["humidity", "temperature"], rate=200.0,
-                          count=8, seed=42, batch=batch)
+                          count=8, seed=42, batch=batch, await_acks=False)
     started = time.time()
     try:
-        yield simulate(reactor, router_settings, plan)
+        yield simulate(reactor, settings, plan)
         yield wait_until(lambda: sum(len(p) if isinstance(p, list) else 1 for _, p in events.events) >= 32,
                          message="32 readings")
     finally:
@@ -40,10 +41,14 @@ def test_simulated_readings_arrive_at_a_subscriber_unchanged(router, router_sett
             got = received[uris.sensor_topic(device_id, sensor_type)]
             # values are the seed's, in order; timestamps are the device's clock, increasing
             assert [g["value"] for g in got] == SensorSeries(42, device_id, sensor_type).take(8)
+            assert set(got[0]) == {"value", "ts", "seq"}
             stamps = [g["ts"] for g in got]
             assert stamps == sorted(stamps) and started - 5 < stamps[0] <= stamps[-1] < time.time() + 1
             if batch > 1:
                 assert all(isinstance(p, list) for t, p in events.events)
+    for device_id in ("0", "1"):  # one seq per device across its sensor types, from 1, no gap
+        seqs = sorted(g["seq"] for topic, p in received.items() if topic.split(".")[2] == device_id for g in p)
+        assert seqs == list(range(1, 17))
 
 
 @pytest.mark.parametrize("serializer", ["json", "msgpack", "cbor"])
