@@ -21,13 +21,13 @@ import logging
 import queue
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from components import readings as rd
-from components.batches import OpenBatch, open_state, seal_batch, seal_state, split_batch
+from components.batches import OpenBatch, open_groups, open_state, seal_batch, seal_state, split_batch
 from components.crypto import KeyRing
 from components.errors import IotError
 from components.readings import Columns
@@ -40,6 +40,8 @@ log = logging.getLogger(__name__)
 STATE_PREFIX = "storage/"
 STATE_VERSION = 1
 STATS_WRITE_INTERVAL_S = 1.0
+REPLAY_MARGIN_S = 10.0
+"""How far back, before the close of the last job a state record covers, a restart looks for later batches."""
 REJECT_LOG_INTERVAL_S = 1.0
 RETRY_MIN_S, RETRY_MAX_S = 0.05, 5.0
 SHED = "shed"
@@ -114,10 +116,11 @@ class StorageState:
                 self.seq[device_id] = seq
         return n
 
-    def record(self, shard: int, shards: int, queue_depth: int) -> dict[str, Any]:
+    def record(self, shard: int, shards: int, queue_depth: int, replay: dict[str, Any]) -> dict[str, Any]:
         """The value sealed into the state record."""
         return {"v": STATE_VERSION, "shard": shard, "shards": shards, "seq": self.seq, "devices": self.devices,
-                "counters": self.counters.as_dict(), "queue_depth": queue_depth, "written_at": time.time()}
+                "counters": self.counters.as_dict(), "queue_depth": queue_depth, "written_at": time.time(),
+                "replay": replay}
 
 
 @dataclass
@@ -125,6 +128,7 @@ class _Job:
     batches: list[OpenBatch]
     marks: dict[str, int]
     counters: dict[str, Any]
+    closed_at: float
 
 
 _STOP = object()
@@ -164,6 +168,7 @@ class IngestService:
         self._dirty = False
         # writer-thread state
         self._state = StorageState()
+        self._recent: deque[tuple[float, list[str]]] = deque()
         self._stopping = threading.Event()
         self._writer = threading.Thread(target=self._run, name="storage-writer", daemon=True)
         self.lost_on_shutdown = 0
@@ -181,17 +186,52 @@ class IngestService:
             if sealed.name == self._name:
                 self._state.devices = value.get("devices", {})
                 self._state.counters = Counters.from_dict(value.get("counters", {}))
+                self._replay(ring, value.get("replay"))
         self.counters = copy.deepcopy(self._state.counters)
         self._writer.start()
         log.info("storage %s started: %d device(s) known, %d readings stored so far", self._name,
                  len(self._state.devices), self.counters.stored)
+
+    def _replay(self, ring: KeyRing, replay: dict[str, Any] | None) -> None:
+        """Fold in batches committed after this instance's last state record.
+
+        A backend whose commit is not one transaction (DynamoDB) can hold batches whose state update was lost
+        in a crash. Every batch committed after a state record holds readings received after that record's job
+        closed, so they are found by arrival time; the uids listed in the record are the ones it already covers.
+        """
+        if not replay:
+            return
+        known = set(replay.get("uids", ()))
+        replayed = 0
+        folded: list[str] = []
+        for sealed in self._store.batches_by_received(replay["from"], float("inf")):
+            if sealed.uid in known:
+                continue
+            batch = OpenBatch(sealed.bucket, 0.0)
+            marks: dict[str, int] = {}
+            for group in open_groups(ring, sealed):
+                if self._shards > 1 and shard_of(group[0], self._shards) != self._shard:
+                    break  # another instance's batch
+                batch.add_group(group)
+                if group[5]:
+                    marks[group[0]] = max(marks.get(group[0], 0), max(s for s in group[5] if s is not None))
+            else:
+                self._state.counters.stored += self._state.apply([batch], marks)
+                self._state.counters.batches += 1
+                replayed += 1
+                folded.append(sealed.uid)
+        # the next state records still list these, so a second crash soon after does not fold them in twice
+        self._recent = deque([(replay["from"] + REPLAY_MARGIN_S, [*known, *folded])])
+        if replayed:
+            log.warning("storage %s: folded in %d batch(es) committed after its last state record (a crash between "
+                        "the two writes)", self._name, replayed)
 
     def flush(self, timeout: float = 30.0) -> bool:
         """Seal and commit everything open, stop the writer; True if all of it was committed in time."""
         deadline = time.monotonic() + timeout
         jobs: list[Any] = [j for j in (self._held, self._close_open()) if j is not None]
         self._held = None
-        jobs += [_Job([], {}, self._counter_snapshot()), _STOP]  # final counters, then stop
+        jobs += [_Job([], {}, self._counter_snapshot(), self._clock()), _STOP]  # final counters, then stop
         for j in jobs:
             try:
                 self._queue.put(j, timeout=max(0.01, deadline - time.monotonic()))
@@ -218,7 +258,7 @@ class IngestService:
     def ingest(self, topic: str, payload: object, received_at: float | None = None) -> None:
         """Take one event published on ``topic``. Never raises on bad input: it is counted instead."""
         parsed = parse_sensor_topic(topic)
-        n_total = len(payload) if type(payload) is list else 1
+        n_total = max(1, len(payload)) if type(payload) is list else 1  # an empty event counts as one refusal
         if parsed is None or not rd.valid_id(parsed[0]) or not rd.valid_id(parsed[1]):
             self.counters.received += n_total
             self._reject(rd.BAD_TOPIC, n_total, topic)
@@ -321,7 +361,7 @@ class IngestService:
     def _close_open(self) -> _Job | None:
         if not self._open and not self._marks:
             return None
-        job = _Job(list(self._open.values()), self._marks, self._counter_snapshot())
+        job = _Job(list(self._open.values()), self._marks, self._counter_snapshot(), self._clock())
         self._open, self._marks = {}, {}
         self._open_count = self._open_bytes = 0
         self._open_since = None
@@ -357,7 +397,7 @@ class IngestService:
         if (self._dirty and self._held is None and self._queue.empty()
                 and now - self._last_state_write >= STATS_WRITE_INTERVAL_S):
             self._dirty = False
-            self._submit(_Job([], {}, self._counter_snapshot()))
+            self._submit(_Job([], {}, self._counter_snapshot(), now))
         if self._reject_log and now - self._last_reject_log >= REJECT_LOG_INTERVAL_S:
             summary = ", ".join(f"{n} {reason} (e.g. on {self._reject_example.get(reason, '-')})"
                                 for reason, n in sorted(self._reject_log.items()))
@@ -403,10 +443,13 @@ class IngestService:
         pending.bytes = counters.bytes
         delay = RETRY_MIN_S
         failures = 0
+        uids = [b.uid for b in sealed]
+        recent = [(t, u) for t, u in self._recent if t >= job.closed_at - REPLAY_MARGIN_S] + [(job.closed_at, uids)]
+        replay = {"from": job.closed_at - REPLAY_MARGIN_S, "uids": [u for _, us in recent for u in us]}
         while True:
             state = StorageState(self._state.seq, self._state.devices, pending)
             try:
-                record = state.record(self._shard, self._shards, self.queue_depth())
+                record = state.record(self._shard, self._shards, self.queue_depth(), replay)
                 written = self._store.commit(sealed, seal_state(ring, self._name, record))
                 break
             except IotError as err:
@@ -425,6 +468,7 @@ class IngestService:
             log.info("storage write succeeded after %d failed attempts", failures)
         pending.bytes += written
         self._state.counters = pending
+        self._recent = deque(recent)
         if job.marks:
             self._on_commit({d: self._state.seq[d] for d in job.marks})
         return True

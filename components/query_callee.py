@@ -19,11 +19,11 @@ from twisted.internet import defer, task, threads
 from components import uris
 from components.credentials import CredentialStore
 from components.crypto import KeySource
-from components.errors import ConfigError, IotError
+from components.errors import ConfigError, IotError, StorageUnavailable
 from components.logs import setup_logging
 from components.query import AuditLog, QueryService
 from components.settings import Settings
-from components.store import open_store
+from components.store import LazyStore, open_store
 from components.wamp import make_component, ticket_auth
 
 log = txaio.make_logger()
@@ -109,7 +109,11 @@ def run(settings: Settings, authid: str = "query") -> int:
     try:
         keys = KeySource(settings.keys, os.environ)
         ticket = os.environ.get("IOT_TICKET") or CredentialStore(settings.paths.secrets_dir).ticket(authid)
-        store = open_store(settings.storage)
+        store = LazyStore(lambda: open_store(settings.storage))
+        store.max_ts()  # fail early on a wrong setting; a backend that is merely down is retried per call
+    except StorageUnavailable as err:
+        log.warn("storage backend unavailable at start ({err}); answering storage_unavailable until it is back",
+                 err=err)
     except (ConfigError, IotError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from typing import Any
 
 import txaio
@@ -18,7 +19,7 @@ from twisted.internet import defer, task, threads
 from components import uris
 from components.credentials import CredentialStore
 from components.crypto import KeySource
-from components.errors import ConfigError, IotError
+from components.errors import ConfigError, IotError, StorageUnavailable
 from components.ingest import IngestService
 from components.logs import setup_logging
 from components.settings import Settings
@@ -97,6 +98,26 @@ class StorageAdapter:
             yield self.component.stop()
 
 
+def _open_and_load(settings: Settings, keys: KeySource, on_commit: Any) -> tuple[Any, IngestService]:
+    """Open the backend and load the committed state, waiting while the backend is unavailable.
+
+    Storage must know what it already committed before it takes readings; devices keep theirs meanwhile.
+    """
+    delay, attempts = 0.5, 0
+    while True:
+        try:
+            store = open_store(settings.storage)
+            service = IngestService(settings.storage, settings.batching, store, keys, on_commit=on_commit)
+            service.start()
+            return store, service
+        except StorageUnavailable as err:
+            attempts += 1
+            if attempts == 1 or attempts % 10 == 0:
+                log.warn("storage backend unavailable ({err}); retrying every {d:.0f}s", err=err, d=delay)
+            time.sleep(delay)  # nothing else to do before the backend answers: not connected to the router yet
+            delay = min(10.0, delay * 2)
+
+
 def run(settings: Settings, authid: str = "storage") -> int:
     """``python -m components storage``: run until SIGTERM/SIGINT, then commit and exit 0."""
     setup_logging(settings.log_level)
@@ -109,20 +130,17 @@ def run(settings: Settings, authid: str = "storage") -> int:
     try:
         keys = KeySource(settings.keys, os.environ)
         ticket = os.environ.get("IOT_TICKET") or CredentialStore(settings.paths.secrets_dir).ticket(authid)
-        store = open_store(settings.storage)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     component = make_component(settings.router, ticket_auth(authid, ticket))
     adapter: StorageAdapter
-    service = IngestService(settings.storage, settings.batching, store, keys,
-                            on_commit=lambda acks: adapter.acks_from_writer(acks))
-    adapter = StorageAdapter(component, service, reactor)
     try:
-        service.start()
-    except IotError as err:
+        store, service = _open_and_load(settings, keys, lambda acks: adapter.acks_from_writer(acks))
+    except (ConfigError, IotError) as err:
         print(f"error: storage cannot start: {err}", file=sys.stderr)
         return 2
+    adapter = StorageAdapter(component, service, reactor)
     adapter.ticker.start(TICK_S, now=False)
     reactor.addSystemEventTrigger("before", "shutdown", adapter.shutdown)
     component.start(reactor)

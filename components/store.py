@@ -8,9 +8,10 @@ every backend.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 from components.settings import StorageSettings
 
@@ -60,8 +61,10 @@ class SealedState:
 class BatchStore(Protocol):
     """What storage and queries need from a backend. Every method may raise StorageUnavailable."""
 
-    max_body_bytes: int | None
-    """Largest sealed body one record may hold (None: no limit); storage cuts batches to fit before sealing."""
+    @property
+    def max_body_bytes(self) -> int | None:
+        """Largest sealed body one record may hold (None: no limit); storage cuts batches to fit before sealing."""
+        ...
 
     def commit(self, batches: Sequence[SealedBatch], state: SealedState | None) -> int:
         """Store batches and replace a state record, atomically where the backend can; return bytes written.
@@ -117,3 +120,36 @@ def open_store(settings: StorageSettings) -> BatchStore:
     from components.store_dynamo import DynamoBatchStore
 
     return DynamoBatchStore(settings)
+
+
+class LazyStore:
+    """A backend opened on first use, and again on the next use after opening failed.
+
+    A query callee starts and registers even while its backend is down; callers get
+    ``iot.error.storage_unavailable`` until it is back.
+    """
+
+    def __init__(self, opener: Callable[[], BatchStore]) -> None:
+        """Open with ``opener`` when first needed."""
+        self._opener = opener
+        self._store: BatchStore | None = None
+        self._lock = threading.Lock()
+
+    def _get(self) -> BatchStore:
+        with self._lock:
+            if self._store is None:
+                self._store = self._opener()
+            return self._store
+
+    @property
+    def max_body_bytes(self) -> int | None:
+        """The backend's record limit."""
+        return self._get().max_body_bytes
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._get(), name)
+
+    def close(self) -> None:
+        """Close the backend if it was opened."""
+        if self._store is not None:
+            self._store.close()

@@ -10,6 +10,8 @@ import pytest
 from components.settings import Settings
 from tests.harness import RouterProcess, stack_settings
 
+pytest_plugins = ["tests.store_fixtures"]
+
 
 @pytest.fixture(scope="session")
 def shared_root(tmp_path_factory: pytest.TempPathFactory) -> Path:

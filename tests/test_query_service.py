@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import time
 from typing import Any
 
 import pytest
@@ -283,10 +284,26 @@ def test_the_audit_log_records_calls_and_reads_back_since_a_time(any_store) -> N
     assert [e["time"] for e in audit.read([], {"since": 150, "limit": 1})] == [300.0]
 
 
-@pytest.fixture
-def any_store(tmp_path):  # TEMPORARY until the shared backend fixture lands
-    from components.store_sqlite import SqliteBatchStore
 
-    store = SqliteBatchStore(tmp_path / "q.sqlite3")
-    yield store
-    store.close()
+def test_batches_committed_after_the_last_state_record_are_not_stored_twice_after_a_restart(any_store) -> None:
+    # a backend that commits batches and state in two writes (DynamoDB) can lose the second in a crash
+    from components.batches import OpenBatch, seal_batch
+    from components.readings import validate_event
+    from tests.corefill import ingest
+
+    ring = new_ring()
+    t = topic("7", H)
+    fill(any_store, ring, [(t, [{"value": 1.0, "ts": 10.0, "seq": 1}, {"value": 2.0, "ts": 11.0, "seq": 2}], 1.0)])
+    orphan = OpenBatch(0, 0.0)
+    cols, _ = validate_event("7", H, [{"value": 3.0, "ts": 12.0, "seq": 3}, {"value": 4.0, "ts": 13.0, "seq": 4}])
+    orphan.add("7", H, time.time(), cols)
+    any_store.commit([seal_batch(ring, orphan)], None)  # the batch landed, its state update did not
+    again = ingest(any_store, ring)
+    # the device never saw an ack for 3 and 4: it sends them again, then 5
+    again.service.ingest(t, [{"value": 3.0, "ts": 12.0, "seq": 3}, {"value": 4.0, "ts": 13.0, "seq": 4},
+                             {"value": 5.0, "ts": 14.0, "seq": 5}], 2.0)
+    assert again.service.tick() == {"7": 4}  # the resent ones are known: acknowledged again at once
+    again.flush()
+    readings = service(any_store, ring).call(uris.FETCH_ALL, [], {})
+    assert [r["seq"] for r in readings] == [1, 2, 3, 4, 5]
+    assert service(any_store, ring).call(uris.LIST_DEVICES, [], {})[0]["count"] == 5
