@@ -17,14 +17,11 @@ from autobahn.wamp.types import RegisterOptions
 from twisted.internet import defer, task, threads
 
 from components import uris
-from components.credentials import CredentialStore
-from components.crypto import KeySource
 from components.errors import ConfigError, IotError, StorageUnavailable
-from components.logs import setup_logging
 from components.query import AuditLog, QueryService
 from components.settings import Settings
 from components.store import LazyStore, open_store
-from components.wamp import make_component, ticket_auth
+from components.wamp import make_component, start_service, ticket_auth
 
 log = txaio.make_logger()
 
@@ -99,16 +96,8 @@ class QueryAdapter:
 
 def run(settings: Settings, authid: str = "query") -> int:
     """``python -m components query``: register and answer until SIGTERM/SIGINT."""
-    setup_logging(settings.log_level)
-    txaio.use_twisted()
-    txaio.start_logging(level=settings.log_level)
-    from twisted.internet import reactor as default_reactor
-
-    reactor: Any = default_reactor
-
     try:
-        keys = KeySource(settings.keys, os.environ)
-        ticket = os.environ.get("IOT_TICKET") or CredentialStore(settings.paths.secrets_dir).ticket(authid)
+        reactor, keys, ticket = start_service(settings, authid)
         store = LazyStore(lambda: open_store(settings.storage))
         store.max_ts()  # fail early on a wrong setting; a backend that is merely down is retried per call
     except StorageUnavailable as err:

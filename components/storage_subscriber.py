@@ -6,7 +6,6 @@ It subscribes to ``iot.sensor.`` (prefix match), hands each event to the service
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 from typing import Any
@@ -17,14 +16,12 @@ from autobahn.wamp.types import SubscribeOptions
 from twisted.internet import defer, task, threads
 
 from components import uris
-from components.credentials import CredentialStore
 from components.crypto import KeySource
 from components.errors import ConfigError, IotError, StorageUnavailable
 from components.ingest import IngestService
-from components.logs import setup_logging
 from components.settings import Settings
 from components.store import open_store
-from components.wamp import make_component, ticket_auth
+from components.wamp import make_component, start_service, ticket_auth
 
 log = txaio.make_logger()
 
@@ -120,16 +117,8 @@ def _open_and_load(settings: Settings, keys: KeySource, on_commit: Any) -> tuple
 
 def run(settings: Settings, authid: str = "storage") -> int:
     """``python -m components storage``: run until SIGTERM/SIGINT, then commit and exit 0."""
-    setup_logging(settings.log_level)
-    txaio.use_twisted()
-    txaio.start_logging(level=settings.log_level)
-    from twisted.internet import reactor as default_reactor
-
-    reactor: Any = default_reactor
-
     try:
-        keys = KeySource(settings.keys, os.environ)
-        ticket = os.environ.get("IOT_TICKET") or CredentialStore(settings.paths.secrets_dir).ticket(authid)
+        reactor, keys, ticket = start_service(settings, authid)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Callable
 from typing import Any, TypeVar
 from urllib.parse import urlparse
 
+import txaio
 from autobahn.twisted.component import Component
 from autobahn.twisted.wamp import Session as _ComponentSession
 from autobahn.wamp.exception import ApplicationError
 from twisted.internet import defer
 
+from components.credentials import CredentialStore
+from components.crypto import KeySource
 from components.errors import IotError
-from components.settings import RouterSettings
+from components.logs import setup_logging
+from components.settings import RouterSettings, Settings
 
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 
@@ -94,3 +99,18 @@ def wamp_errors(fn: F) -> F:
         return result
 
     return wrapper  # type: ignore[return-value]
+
+
+def start_service(settings: Settings, authid: str) -> tuple[Any, KeySource, str]:
+    """Entry-point set-up shared by the services: logging, the reactor, the key source and the service's ticket.
+
+    Raises ConfigError (a missing ticket, a bad key setting) for the caller to report.
+    """
+    setup_logging(settings.log_level)
+    txaio.use_twisted()
+    txaio.start_logging(level=settings.log_level)
+    from twisted.internet import reactor
+
+    keys = KeySource(settings.keys, os.environ)
+    ticket = os.environ.get("IOT_TICKET") or CredentialStore(settings.paths.secrets_dir).ticket(authid)
+    return reactor, keys, ticket

@@ -46,6 +46,11 @@ def write_config(root: Path, port: int, overrides: Mapping[str, Mapping[str, Any
     cfg["storage"]["sqlite_path"] = str(root / "iot.sqlite3")
     cfg["keys"]["file"] = str(root / "secrets" / "keys.json")
     cfg["device"]["spool_dir"] = str(root / "spool")
+    return _write(cfg, root, overrides)
+
+
+def _write(cfg: dict[str, Any], root: Path, overrides: Mapping[str, Any] | None) -> Path:
+    """Apply per-section overrides and write ``root/config.json``."""
     for section, values in (overrides or {}).items():
         if isinstance(values, Mapping):
             cfg.setdefault(section, {}).update(values)
@@ -75,14 +80,7 @@ def derive_settings(base: Settings, root: Path, overrides: Mapping[str, Any] | N
     cfg["keys"]["salt_file"] = str(root / "key.salt")
     cfg["device"]["spool_dir"] = str(root / "spool")
     cfg["paths"]["run_dir"] = str(root / "run")
-    for section, values in (overrides or {}).items():
-        if isinstance(values, Mapping):
-            cfg.setdefault(section, {}).update(values)
-        else:
-            cfg[section] = values
-    path = root / "config.json"
-    path.write_text(json.dumps(cfg, indent=2))
-    return load_settings(path, environ={})
+    return load_settings(_write(cfg, root, overrides), environ={})
 
 
 @dataclass
