@@ -60,7 +60,7 @@ def _live_series(reactor: Any, pub: DevicePublisher, sensor_type: str, plan: Sim
     sent = produced
     last_ts = 0.0
     due = reactor.seconds()
-    while plan.count == 0 or sent < plan.count:
+    while pub.spool is not None and (plan.count == 0 or sent < plan.count):  # None: stopped (shutdown)
         n = plan.batch if plan.count == 0 else min(plan.batch, plan.count - sent)
         stamps = list(live_timestamps(max(time.time(), last_ts + n * interval), n, interval))
         last_ts = stamps[-1]
