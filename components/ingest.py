@@ -45,6 +45,7 @@ REPLAY_MARGIN_S = 10.0
 REJECT_LOG_INTERVAL_S = 1.0
 RETRY_MIN_S, RETRY_MAX_S = 0.05, 5.0
 SHED = "shed"
+GROUP_COMMIT_JOBS = 64
 
 
 def shard_of(device_id: str, shards: int) -> int:
@@ -132,6 +133,16 @@ class _Job:
 
 
 _STOP = object()
+
+
+def _merge(jobs: list[_Job]) -> _Job:
+    """Jobs closed one after the other, as one: every batch, the latest marks, counters and close time."""
+    if len(jobs) == 1:
+        return jobs[0]
+    marks: dict[str, int] = {}
+    for j in jobs:
+        marks.update(j.marks)  # a device's marks only grow
+    return _Job([b for j in jobs for b in j.batches], marks, jobs[-1].counters, jobs[-1].closed_at)
 
 
 class IngestService:
@@ -425,11 +436,23 @@ class IngestService:
     # ---- writer thread
     def _run(self) -> None:
         while True:
-            job = self._queue.get()
-            if job is _STOP:
+            jobs = [self._queue.get()]
+            # Group commit: what queued up while the last commit ran goes into one transaction and one state
+            # record, so a writer that falls behind (a slow disk, a checkpoint) catches up instead of shedding.
+            while jobs[-1] is not _STOP and len(jobs) < GROUP_COMMIT_JOBS:
+                try:
+                    jobs.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            stop = jobs[-1] is _STOP
+            if stop:
+                jobs.pop()
+            if jobs:
+                job = _merge(jobs)
+                if not self._write(job):
+                    self.lost_on_shutdown += sum(b.count for b in job.batches)
+            if stop:
                 return
-            if not self._write(job):
-                self.lost_on_shutdown += sum(b.count for b in job.batches)
 
     def _write(self, job: _Job) -> bool:
         ring = self._keys()

@@ -104,7 +104,7 @@ class StorageSettings:
     bucket_seconds: int = _setting("readings of one batch share a time bucket of this many seconds of ts", 86400,
                                    minimum=1)
     writer_queue: int = _setting("closed batches that may wait for the writer; when full, new readings are shed",
-                                 4, minimum=1)
+                                 16, minimum=1)
 
 
 @dataclass(frozen=True)
