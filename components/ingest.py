@@ -286,7 +286,7 @@ class IngestService:
         cols, rejected = rd.validate_event(device_id, sensor_type, payload)
         for _, reason in rejected:
             self._reject(reason, 1, topic)
-        if rejected or any(s is not None for s in cols.seqs):
+        if rejected or cols.seqs.count(None) != len(cols.seqs):
             cols = self._sequence(device_id, payload, cols, rejected)
         if len(cols.ts):
             self._add(device_id, sensor_type, self._clock() if received_at is None else received_at, cols)
@@ -300,6 +300,14 @@ class IngestService:
                   ) -> Columns:
         committed = self._state.seq.get(device_id, 0)
         expected = self._next_seq.get(device_id, committed + 1)
+        n = len(cols.seqs)
+        if not rejected and cols.seqs[0] == expected and cols.seqs == list(range(expected, expected + n)):
+            # the usual event: the next readings in order, checked in one comparison
+            self._next_seq[device_id] = expected + n
+            self._marks[device_id] = expected + n - 1
+            if self._open_since is None:
+                self._open_since = self._clock()
+            return cols
         start = expected
         raw = payload if type(payload) is list else [payload]
         bad = dict(rejected)

@@ -151,6 +151,45 @@ def check_reading(reading: object, device_id: str, sensor_type: str) -> str | No
     return None
 
 
+_PLAIN_FIELDS = frozenset({"value", "ts", "seq"})
+_FLOATS, _INTS = frozenset({float}), frozenset({int})
+_NO_SEQ = frozenset({type(None)})
+
+
+def _plain_numbers(column: list[Any]) -> bool:
+    """True when the items are all finite floats or all 64-bit ints (checked in bulk, no Python loop per item)."""
+    types = frozenset(map(type, column))
+    if types == _INTS:
+        return _INT_MIN <= min(column) and max(column) <= _INT_MAX
+    # a NaN or an infinity makes the sum one (so may a huge sum of finite floats: those take the slow path)
+    return types == _FLOATS and math.isfinite(sum(column))
+
+
+def _plain_event(readings: list[Any]) -> Columns | None:
+    """The columns of an event whose readings are all plain ``{"value", "ts"[, "seq"]}``, or None.
+
+    Devices send such events nearly always; checking them column by column costs a fraction of checking
+    each reading. Anything else (None) goes through the per-reading checks, which name each problem.
+    """
+    try:
+        if not set().union(*readings) <= _PLAIN_FIELDS:
+            return None
+        ts = [r["ts"] for r in readings]
+        values = [r["value"] for r in readings]
+    except (TypeError, KeyError):
+        return None
+    try:
+        seqs = [r["seq"] for r in readings]
+    except KeyError:
+        seqs = [r.get("seq") for r in readings]
+    if not (_plain_numbers(ts) and _plain_numbers(values)):
+        return None
+    seq_types = frozenset(map(type, seqs))
+    if seq_types != _NO_SEQ and (seq_types != _INTS or min(seqs) < 1 or max(seqs) > _INT_MAX):
+        return None
+    return Columns(ts, values, seqs, [None] * len(readings))
+
+
 def validate_event(device_id: str, sensor_type: str, payload: object) -> tuple[Columns, list[tuple[int, str]]]:
     """Validate one event's payload (a reading or a list of readings) published on the given topic.
 
@@ -158,6 +197,10 @@ def validate_event(device_id: str, sensor_type: str, payload: object) -> tuple[C
     A rejected reading never affects the others of the event.
     """
     readings = payload if type(payload) is list else [payload]
+    if len(readings) > 1:
+        fast = _plain_event(readings)
+        if fast is not None:
+            return fast, []
     cols = Columns()
     rejected: list[tuple[int, str]] = []
     if not readings:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from components import readings as r
 
@@ -75,3 +77,31 @@ def test_ids_follow_the_contract_pattern() -> None:
     assert r.valid_id("0") and r.valid_id("sensor_17") and r.valid_id("a" * 64)
     for bad in ("", "A", "dev-1", "a.b", "a" * 65, 7, None):
         assert not r.valid_id(bad)
+
+
+FLOATS = st.floats(min_value=-1e300, max_value=1e300) | st.floats()
+INTS = st.integers(min_value=-(2**64), max_value=2**64)
+PLAIN = st.one_of(  # the shapes the bulk path takes, with their edge values
+    st.fixed_dictionaries({"value": FLOATS, "ts": FLOATS},
+                          optional={"seq": st.integers(min_value=-1, max_value=2**64)}),
+    st.fixed_dictionaries({"value": INTS, "ts": INTS}, optional={"seq": st.integers(min_value=1, max_value=9)}))
+ODD = st.one_of(
+    st.fixed_dictionaries({"value": st.one_of(FLOATS, INTS, st.booleans(), st.none(), st.text(max_size=2)),
+                           "ts": st.one_of(FLOATS, INTS, st.none())},
+                          optional={"seq": st.one_of(st.none(), st.booleans(), st.floats()),
+                                    "device_id": st.sampled_from([DEVICE, "8"]), "data": st.just({"k": 1}),
+                                    "unit": st.just("%")}),
+    st.lists(st.text(max_size=5), max_size=3), st.none(), st.text(max_size=5), st.integers())
+EVENTS = st.lists(PLAIN, min_size=2, max_size=8) | st.lists(PLAIN | ODD, min_size=2, max_size=8)
+
+
+@settings(max_examples=400, deadline=None)
+@given(EVENTS)
+def test_a_whole_event_is_judged_exactly_as_its_readings_one_by_one(event: list) -> None:
+    # events of several readings take a bulk path; single readings the per-reading checks
+    cols, rejected = r.validate_event(DEVICE, SENSOR, event)
+    one_by_one = [r.validate_event(DEVICE, SENSOR, [reading]) for reading in event]
+    assert rejected == [(i, rej[0][1]) for i, (_, rej) in enumerate(one_by_one) if rej]
+    accepted = [c for c, rej in one_by_one if not rej]
+    assert (cols.ts, cols.values, cols.seqs) == ([c.ts[0] for c in accepted], [c.values[0] for c in accepted],
+                                                 [c.seqs[0] for c in accepted])
