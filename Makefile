@@ -48,10 +48,10 @@ test: test-deps lint
 	$(PY) -m pytest
 
 bench: install
-	$(PY) -m bench
+	@$(PY) -m bench
 
 bench-quick: install
-	$(PY) -m bench --quick
+	@$(PY) -m bench --quick
 
 clean:
 	rm -rf $(VENV) .cache var .pytest_cache .mypy_cache .ruff_cache *.egg-info test-artifacts
