@@ -4,13 +4,14 @@ The store holds the classic data model (51 devices, humidity and temperature, 5,
 2017-07-04 to 2018-07-04), filled through the real IngestService; a real router and query callee serve
 it. ``ab`` (Debian's apache2-utils, installed with apt-get when missing unless ``--no-install``; else a
 bounded Python client, bench/_httpclient.py) posts ``{"procedure": "iot.fetch_between_window", "args":
-[start, end], "kwargs": {"device_id": "1"}}`` with 100 requests in flight, one connection per request,
-a bounded number of times (and seconds) after a warm-up. The router-only baseline in the same run: the same requests
-answered by a callee that returns the same answer without doing anything (bench/_echo_callee.py), in
-the order ceiling, stored, stored, ceiling (stored, ceiling in quick mode). Figures: requests per
-second, p50, p99, failures; CPU seconds per process over the run; the query callee's peak RSS; and the
-kernel's ListenDrops over each run (connections the router's listen queue had no room for: each costs
-the client a SYN retransmission, a second or more of latency).
+[start, end], "kwargs": {"device_id": "1"}}`` with 100 requests in flight, a bounded number of times
+(and seconds) after a warm-up: once with a new connection per request, and (ab only) once with every
+client keeping its connection alive, as HTTP client libraries do. The router-only baseline in the same
+run: the same requests answered by a callee that returns the same answer without doing anything
+(bench/_echo_callee.py), in the order ceiling, stored, stored, ceiling (stored, ceiling in quick mode).
+Figures: requests per second, p50, p99, failures; CPU seconds per process over the run; the query
+callee's peak RSS; and the kernel's ListenDrops over each run (connections the router's listen queue had
+no room for: each costs the client a SYN retransmission, a second or more of latency).
 """
 
 from __future__ import annotations
@@ -144,15 +145,17 @@ class Client:
         """Which client it is."""
         return "ab" if self.ab else "python"
 
-    def run(self, total: int, seconds: int, watched: dict[str, Child]) -> Load:
-        """``total`` requests (at most ``seconds``), CONCURRENCY at a time; CPU of ``watched`` and the client."""
+    def run(self, total: int, seconds: int, watched: dict[str, Child], keep_alive: bool = False) -> Load:
+        """``total`` requests (at most ``seconds``), CONCURRENCY at a time; CPU of ``watched`` and the client.
+
+        ``keep_alive`` (ab only): each client sends its requests on one connection, as an HTTP library does."""
         self.runs += 1
         tag = f"client{self.runs}"
         report = self.root / f"{tag}.json"
         if self.ab:
             # -t before -n: ab stops at the time limit or the count, whichever comes first
-            argv = [self.ab, "-q", "-t", str(seconds), "-n", str(total), "-c", str(CONCURRENCY), "-s", "30",
-                    "-p", str(self.body), "-T", "application/json", self.url]
+            argv = [self.ab, "-q", *(["-k"] if keep_alive else []), "-t", str(seconds), "-n", str(total),
+                    "-c", str(CONCURRENCY), "-s", "30", "-p", str(self.body), "-T", "application/json", self.url]
         else:
             argv = python_module("bench._httpclient", "--url", self.url, "--body", str(self.body), "-n", str(total),
                                  "-c", str(CONCURRENCY), "--max-seconds", str(seconds), "--report", str(report))
@@ -242,52 +245,65 @@ def run(opts: Options) -> list[dict[str, Any]]:
         client = Client(procs, root, url, body_path, find_ab(opts))
         note(f"http: {report.readings:,} classic readings stored; device {DEVICE} has {len(answer)} in the year; "
              f"client: {client.name}")
-        loads: dict[str, list[Load]] = {"ceiling": [], "stored": []}
-        rss: list[float] = []
-        for i, mode in enumerate(order):
-            if mode == "stored":
-                callee = start_component(procs, settings, "query", name=f"query{i}")
-            else:
-                callee = procs.start(f"echo{i}", python_module(
-                    "bench._echo_callee", "--config", settings.config_path, "--procedure", uris.FETCH_BETWEEN_WINDOW,
-                    "--answer", str(answer_path)))
-                callee.wait_for_log("echo callee registered")
-            trace = mem.watch(f"{mode}{i}", callee.pid)
-            _check_bridge(url, body_path.read_bytes(), len(answer))
-            note(f"http: {mode} run {i + 1}/{len(order)}: {WARMUP} warm-up, then {total:,} requests or "
-                 f"{seconds}s, {CONCURRENCY} at once")
-            client.run(WARMUP, WARMUP_SECONDS, {})
-            loads[mode].append(client.run(total, seconds, {"router": router, "callee": callee}))
-            procs.stop(callee)
-            peak = trace.peak_mb()
-            if mode == "stored" and peak is not None:
-                rss.append(peak)
-        stored, ceiling = _combine(loads["stored"]), _combine(loads["ceiling"])
-        rate_ok = target(stored.req_per_s, TARGET_REQ_PER_S, prefix="req_per_s_")
-        p99_ok = target(stored.latencies["p99_ms"], TARGET_P99_MS, at_most=True, prefix="p99_")
-        line = {
-            "bench": "http", "case": f"device {DEVICE}, a year, {CONCURRENCY} clients", "client": client.name,
-            "keep_alive": False, "rows": len(answer), "concurrency": CONCURRENCY, "requests": stored.complete,
-            "runs_per_mode": len(loads["stored"]), "max_requests_per_run": total, "max_seconds_per_run": seconds,
-            "req_per_s": stored.req_per_s, "ceiling_req_per_s": ceiling.req_per_s,
-            "ratio": ratio(stored.req_per_s, ceiling.req_per_s),
-            **stored.latencies, **{f"ceiling_{k}": v for k, v in ceiling.latencies.items()},
-            "failures": stored.failures, "ceiling_failures": ceiling.failures,
-            "listen_drops": stored.listen_drops, "ceiling_listen_drops": ceiling.listen_drops,
-            "target": f">= {TARGET_REQ_PER_S:g} req/s and p99 <= {TARGET_P99_MS:g} ms",
-            "meets_target": bool(rate_ok["req_per_s_meets_target"] and p99_ok["p99_meets_target"]),
-            **rate_ok, **p99_ok,
-            "req_per_s_runs": [x.req_per_s for x in loads["stored"]],
-            "ceiling_req_per_s_runs": [x.req_per_s for x in loads["ceiling"]],
-            **{f"cpu_s_{k}": v for k, v in stored.cpu.items()},
-            **{f"ceiling_cpu_s_{k}": v for k, v in ceiling.cpu.items()},
-            "load_seconds": stored.seconds, "ceiling_load_seconds": ceiling.seconds,
-            "router_us_per_request": ratio(stored.cpu["router"] * 1e6, stored.complete),
-            "ceiling_router_us_per_request": ratio(ceiling.cpu["router"] * 1e6, ceiling.complete),
-            "callee_us_per_request": ratio(stored.cpu["callee"] * 1e6, stored.complete),
-            "query_rss_peak_mb": max(rss, default=None), "store_readings": report.readings,
-        }
-        return [emit(line)]
+        lines = []
+        for keep_alive in (False, True) if client.ab else (False,):
+            lines.append(emit(_load_case(procs, mem, settings, router, client, body_path, answer_path, url, answer,
+                                         order, total, seconds, keep_alive, report.readings)))
+        return lines
+
+
+def _load_case(procs: Procs, mem: MemorySampler, settings: Settings, router: Child, client: Client, body_path: Path,
+               answer_path: Path, url: str, answer: list[dict[str, Any]], order: list[str], total: int,
+               seconds: int, keep_alive: bool, store_readings: int) -> dict[str, Any]:
+    """Ceiling and stored runs of one kind of client (a connection per request, or kept alive): one line."""
+    how = "keep-alive" if keep_alive else "a connection per request"
+    tag = "-keepalive" if keep_alive else ""  # log names: each process of the benchmark has its own log
+    loads: dict[str, list[Load]] = {"ceiling": [], "stored": []}
+    rss: list[float] = []
+    for i, mode in enumerate(order):
+        if mode == "stored":
+            callee = start_component(procs, settings, "query", name=f"query{tag}{i}")
+        else:
+            callee = procs.start(f"echo{tag}{i}", python_module(
+                "bench._echo_callee", "--config", settings.config_path, "--procedure", uris.FETCH_BETWEEN_WINDOW,
+                "--answer", str(answer_path)))
+            callee.wait_for_log("echo callee registered")
+        trace = mem.watch(f"{mode}{i}", callee.pid)
+        _check_bridge(url, body_path.read_bytes(), len(answer))
+        note(f"http ({how}): {mode} run {i + 1}/{len(order)}: {WARMUP} warm-up, then {total:,} requests or "
+             f"{seconds}s, {CONCURRENCY} at once")
+        client.run(WARMUP, WARMUP_SECONDS, {}, keep_alive)
+        loads[mode].append(client.run(total, seconds, {"router": router, "callee": callee}, keep_alive))
+        procs.stop(callee)
+        peak = trace.peak_mb()
+        if mode == "stored" and peak is not None:
+            rss.append(peak)
+    stored, ceiling = _combine(loads["stored"]), _combine(loads["ceiling"])
+    rate_ok = target(stored.req_per_s, TARGET_REQ_PER_S, prefix="req_per_s_")
+    p99_ok = target(stored.latencies["p99_ms"], TARGET_P99_MS, at_most=True, prefix="p99_")
+    line = {
+        "bench": "http", "case": f"device {DEVICE}, a year, {CONCURRENCY} clients, {how}", "client": client.name,
+        "keep_alive": keep_alive, "rows": len(answer), "concurrency": CONCURRENCY, "requests": stored.complete,
+        "runs_per_mode": len(loads["stored"]), "max_requests_per_run": total, "max_seconds_per_run": seconds,
+        "req_per_s": stored.req_per_s, "ceiling_req_per_s": ceiling.req_per_s,
+        "ratio": ratio(stored.req_per_s, ceiling.req_per_s),
+        **stored.latencies, **{f"ceiling_{k}": v for k, v in ceiling.latencies.items()},
+        "failures": stored.failures, "ceiling_failures": ceiling.failures,
+        "listen_drops": stored.listen_drops, "ceiling_listen_drops": ceiling.listen_drops,
+        "target": f">= {TARGET_REQ_PER_S:g} req/s and p99 <= {TARGET_P99_MS:g} ms",
+        "meets_target": bool(rate_ok["req_per_s_meets_target"] and p99_ok["p99_meets_target"]),
+        **rate_ok, **p99_ok,
+        "req_per_s_runs": [x.req_per_s for x in loads["stored"]],
+        "ceiling_req_per_s_runs": [x.req_per_s for x in loads["ceiling"]],
+        **{f"cpu_s_{k}": v for k, v in stored.cpu.items()},
+        **{f"ceiling_cpu_s_{k}": v for k, v in ceiling.cpu.items()},
+        "load_seconds": stored.seconds, "ceiling_load_seconds": ceiling.seconds,
+        "router_us_per_request": ratio(stored.cpu["router"] * 1e6, stored.complete),
+        "ceiling_router_us_per_request": ratio(ceiling.cpu["router"] * 1e6, ceiling.complete),
+        "callee_us_per_request": ratio(stored.cpu["callee"] * 1e6, stored.complete),
+        "query_rss_peak_mb": max(rss, default=None), "store_readings": store_readings,
+    }
+    return line
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -119,35 +119,43 @@ def _as_reading(row: Row) -> dict[str, Any]:
 
 
 class BatchCache:
-    """Decrypted batches, least recently used evicted first, bounded by the number of readings held."""
+    """Decrypted batches, least recently used evicted first, bounded by the number of readings held.
+
+    Each batch is held with its groups indexed by device, so a query for one device touches that device's
+    groups only, however many other devices share the batch.
+    """
 
     def __init__(self, max_readings: int) -> None:
         """Hold at most ``max_readings`` readings."""
         self._max = max_readings
         self._held = 0
-        self._items: OrderedDict[str, tuple[SealedBatch, list[Group]]] = OrderedDict()
+        self._items: OrderedDict[str, tuple[SealedBatch, list[Group], dict[str, list[Group]]]] = OrderedDict()
         self._lock = threading.Lock()
 
-    def groups(self, ring: KeyRing, sealed: SealedBatch) -> list[Group]:
-        """The batch's groups: from the cache only if the record is byte for byte the one that was opened
-        (so an edited index field or a moved body is never served from memory), else freshly opened."""
+    def groups(self, ring: KeyRing, sealed: SealedBatch, device_id: str | None = None) -> list[Group]:
+        """The batch's groups (of ``device_id`` only, when given): from the cache only if the record is byte for
+        byte the one that was opened (so an edited index field or a moved body is never served from memory),
+        else freshly opened."""
         with self._lock:
             hit = self._items.get(sealed.uid)
             if hit is not None and hit[0] == sealed:
                 self._items.move_to_end(sealed.uid)
-                return hit[1]
+                return hit[1] if device_id is None else hit[2].get(device_id, [])
         groups = open_groups(ring, sealed)
+        by_device: dict[str, list[Group]] = {}
+        for group in groups:
+            by_device.setdefault(group[0], []).append(group)
         if sealed.count <= self._max:
             with self._lock:
                 old = self._items.pop(sealed.uid, None)
                 if old is not None:
                     self._held -= old[0].count
-                self._items[sealed.uid] = (sealed, groups)
+                self._items[sealed.uid] = (sealed, groups, by_device)
                 self._held += sealed.count
                 while self._held > self._max:
-                    _, (evicted, _) = self._items.popitem(last=False)
+                    _, (evicted, _, _) = self._items.popitem(last=False)
                     self._held -= evicted.count
-        return groups
+        return groups if device_id is None else by_device.get(device_id, [])
 
 
 class QueryService:
@@ -225,7 +233,7 @@ class QueryService:
         for sealed in self.store.batches_by_hi_desc():
             if len(top) >= want and sealed.hi < top[0][0]:
                 break  # every later batch ends before the smallest kept reading
-            for row in _rows_of(self.cache.groups(ring, sealed), f, -INF, INF, -INF, True):
+            for row in _rows_of(self.cache.groups(ring, sealed, f.device_id), f, -INF, INF, -INF, True):
                 if len(top) < want:
                     heapq.heappush(top, row)
                 elif row[0] > top[0][0]:
@@ -247,9 +255,11 @@ class QueryService:
                 run.sort(key=lambda r: r[0])
                 yield run
                 run = []
-            covers = start <= sealed.lo and sealed.hi <= end
-            run.extend(_rows_of(self.cache.groups(ring, sealed), f, start, end, rec_lo, covers))
-            run_hi = max(run_hi, sealed.hi)
+            groups = self.cache.groups(ring, sealed, f.device_id)
+            if groups:  # with device_id=, most batches of a long window hold nothing of that device
+                run.extend(_rows_of(groups, f, start, end, rec_lo, start <= sealed.lo and sealed.hi <= end))
+            if sealed.hi > run_hi:
+                run_hi = sealed.hi
         if run:
             run.sort(key=lambda r: r[0])
             yield run

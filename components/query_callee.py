@@ -25,7 +25,9 @@ from components.wamp import make_component, start_service, ticket_auth
 
 log = txaio.make_logger()
 
-THREADS = 4
+THREADS = {"sqlite": 1, "dynamodb": 8}
+"""Worker threads per backend: SQLite work holds the GIL (more threads only contend for it, measured with
+``python -m bench http``); DynamoDB calls wait on the network, so several overlap."""
 
 
 class QueryAdapter:
@@ -106,7 +108,7 @@ def run(settings: Settings, authid: str = "query") -> int:
     except (ConfigError, IotError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    reactor.suggestThreadPoolSize(THREADS)
+    reactor.suggestThreadPoolSize(THREADS.get(settings.storage.backend, 2))
     service = QueryService(settings.query, store, keys)
     audit = AuditLog(store, keys, f"{socket.gethostname()}:{os.getpid()}", settings.query.max_results)
     component = make_component(settings.router, ticket_auth(authid, ticket))

@@ -7,6 +7,7 @@ span (see :func:`components.store.span_class`); an index on (class, lower bound,
 
 from __future__ import annotations
 
+import itertools
 import logging
 import sqlite3
 import threading
@@ -145,7 +146,7 @@ class SqliteBatchStore:
             params += [kind, c, start - 2.0**c, end, start]
         sql = " UNION ALL ".join(parts) + " ORDER BY lo"
         try:
-            return [_row(r) for r in self._conn().execute(sql, params)]
+            return list(itertools.starmap(SealedBatch, self._conn().execute(sql, params)))  # columns in field order
         except sqlite3.Error as err:
             raise StorageUnavailable(f"SQLite read of {self.path} failed: {err}") from err
 
