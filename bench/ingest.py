@@ -12,6 +12,11 @@ samples, the stored rate from the committed batches' clear fields (reading count
 bounds, pro-rated to the window), read from the SQLite file once storage has committed everything.
 CPU seconds per process tree (router, storage or counter, publishers) are taken over that window with
 psutil; storage's resident memory is sampled all along.
+
+A last case, ``overload msgpack x100``, measures DESIGN.md section 9's "storage process memory under
+sustained overload: <= 256 MB and flat": storage is configured so that its writer cannot keep up (see
+:func:`run_overload`), publishers send as fast as the router acknowledges, and storage's RSS is compared
+between the first and the second half of the overload window.
 """
 
 from __future__ import annotations
@@ -68,7 +73,10 @@ TARGET_STORED_CASE, TARGET_STORED_PER_S = ("msgpack", 100), 100_000.0
 COLUMNS = {"ingest": ["stored_per_s", "ceiling_per_s", "ratio", "meets_target", "stored_per_s_meets_target",
                       "cpu_s_router", "cpu_s_storage", "cpu_s_publishers",
                       "ceiling_cpu_s_router", "ceiling_cpu_s_counter", "ceiling_cpu_s_publishers",
-                      "storage_us_per_reading", "storage_rss_peak_mb", "shed"]}
+                      "storage_us_per_reading", "storage_rss_peak_mb", "shed"],
+           "overload": ["stored_per_s", "received_per_s", "shed", "shed_fraction", "storage_rss_peak_mb",
+                        "storage_rss_first_half_peak_mb", "storage_rss_second_half_peak_mb", "storage_rss_growth_mb",
+                        "flat", "overloaded", "meets_target"]}
 
 
 @dataclass(frozen=True)
@@ -163,9 +171,10 @@ def _start_publishers(procs: Procs, settings: Settings, root: Path, tag: str, se
 
 
 def _run(procs: Procs, mem: MemorySampler, root: Path, port: int, router: Child, serializer: str, batch: int,
-         mode: str, t: Timing, rep: int) -> RunResult:
-    tag = f"{serializer}-x{batch}-{mode}{rep}"
-    settings = write_settings(root, tag, port, {"router": {"serializer": serializer}})
+         mode: str, t: Timing, rep: int, overrides: dict[str, dict[str, Any]] | None = None,
+         tag_prefix: str = "") -> RunResult:
+    tag = f"{tag_prefix}{serializer}-x{batch}-{mode}{rep}"
+    settings = write_settings(root, tag, port, {"router": {"serializer": serializer}, **(overrides or {})})
     pubs = _start_publishers(procs, settings, root, tag, serializer, batch, t.duration)
     counter_report = root / f"{tag}-counter.json"
     if mode == "stored":
@@ -192,7 +201,7 @@ def _run(procs: Procs, mem: MemorySampler, root: Path, port: int, router: Child,
     cpu1 = {"router": cpu_seconds(router.pid), "sub": cpu_seconds(sub.pid),
             "publishers": sum(cpu_seconds(c.pid) for c, _ in pubs), "machine": machine_busy_seconds()}
     m1 = time.monotonic()
-    published = 0
+    published = resends = 0
     for child, report in pubs:
         try:
             child.proc.wait(t.tail + 40.0)
@@ -203,12 +212,16 @@ def _run(procs: Procs, mem: MemorySampler, root: Path, port: int, router: Child,
         if data.get("error"):
             note(f"{child.name}: {data['error']}")
         published += data.get("readings", 0)
+        resends += data.get("resends", 0)
     cpu = {k: cpu1[k] - cpu0[k] for k in cpu0}
     cpu["other"] = max(0.0, cpu.pop("machine") - cpu["router"] - cpu["sub"] - cpu["publishers"])
     extra: dict[str, Any] = {"rss_peak_mb": trace.peak_mb(), "rss_window_start_mb": trace.peak_mb(m0, m0 + 1.0),
                              "rss_window_end_mb": trace.peak_mb(m1 - 1.0, m1),
                              "rss_first_half_peak_mb": trace.peak_mb(m0, (m0 + m1) / 2),
-                             "rss_second_half_peak_mb": trace.peak_mb((m0 + m1) / 2, m1)}
+                             "rss_second_half_peak_mb": trace.peak_mb((m0 + m1) / 2, m1),
+                             "series_rss_mb_per_s": [trace.peak_mb(m0 + i * (m1 - m0) / n, m0 + (i + 1) * (m1 - m0) / n)
+                                                     for n in [max(1, round(m1 - m0))] for i in range(n)],
+                             "published_total": published, "resends": resends}
     window = t1 - t0
     per_s: float | None
     events_per_s: float | None
@@ -253,8 +266,99 @@ def _combine(runs: list[RunResult]) -> RunResult:
                      mean([r.published_per_s for r in runs]), extra)
 
 
+OVERLOAD_CASE = ("msgpack", 100)
+OVERLOAD_MAX_READINGS = 100
+OVERLOAD_SETTINGS: dict[str, dict[str, Any]] = {"batching": {"max_readings": OVERLOAD_MAX_READINGS}}
+"""How the overload case makes storage's writer the bottleneck, and the only setting it changes: every
+100-reading event closes its own batch (``batching.max_readings`` 100 instead of 5,000), so the writer seals
+and commits batches of 100 readings, at most 64 of them per transaction (its group commit), and cannot keep
+up with what the router delivers. ``storage.writer_queue`` keeps its default (16 closed batches); the
+router and the publishers run exactly as in the other cases."""
+STORAGE_RSS_TARGET_MB = 256.0
+FLAT_GROWTH_FRACTION, FLAT_GROWTH_MB = 0.10, 16.0
+FLAT_RULE = (f"flat: second-half RSS peak <= first-half peak + max({FLAT_GROWTH_FRACTION:.0%} of it, "
+             f"{FLAT_GROWTH_MB:g} MB)")
+
+
+def overload_timing(opts: Options) -> Timing:
+    """Full runs hold the overload for 30 s, quick ones 10 s (after a warm-up that fills the writer queue)."""
+    return Timing(11.5, 1.0, 0.5) if opts.quick else Timing(33.0, 2.5, 0.5)
+
+
+def is_flat(first_mb: float | None, second_mb: float | None) -> bool | None:
+    """The flatness rule of :data:`FLAT_RULE` (None when either half has no sample)."""
+    if first_mb is None or second_mb is None:
+        return None
+    return second_mb - first_mb <= max(FLAT_GROWTH_FRACTION * first_mb, FLAT_GROWTH_MB)
+
+
+def _slope_per_min(series: Sequence[float | None]) -> float | None:
+    """Least-squares slope of one-sample-per-second values, in units per minute (None under 2 points)."""
+    pts = [(float(i), v) for i, v in enumerate(series) if v is not None]
+    if len(pts) < 2:
+        return None
+    mx, my = sum(p[0] for p in pts) / len(pts), sum(p[1] for p in pts) / len(pts)
+    den = sum((p[0] - mx) ** 2 for p in pts)
+    return 60.0 * sum((p[0] - mx) * (p[1] - my) for p in pts) / den if den else None
+
+
+def run_overload(procs: Procs, mem: MemorySampler, root: Path, port: int, router: Child,
+                 opts: Options) -> dict[str, Any]:
+    """Storage under sustained overload: its RSS peak, first half vs second half, and proof that it shed.
+
+    Publishers (the same ones, 100-reading msgpack events, a window of router-acknowledged publishes per
+    device) send as fast as the router lets them for the whole run, to a storage whose writer cannot keep up
+    (:data:`OVERLOAD_SETTINGS`). Storage then sheds readings (not acknowledged) and devices go back and
+    resend them, so the overload lasts as long as the publishers run. The run counts as an overload only if
+    storage's own counters say it shed readings (``shed`` > 0); otherwise ``overloaded`` and
+    ``meets_target`` are false.
+    """
+    serializer, batch = OVERLOAD_CASE
+    t = overload_timing(opts)
+    note(f"ingest overload {serializer} x{batch}: stored run ({t.duration:.0f}s, writer made the bottleneck)")
+    r = _run(procs, mem, root, port, router, serializer, batch, "stored", t, 0, OVERLOAD_SETTINGS, "overload-")
+    x = r.extra
+    shed, received = x.get("shed") or 0, x.get("received_total") or 0
+    overloaded = shed > 0
+    first, second, peak = x["rss_first_half_peak_mb"], x["rss_second_half_peak_mb"], x["rss_peak_mb"]
+    flat = is_flat(first, second)
+    meets = bool(overloaded and flat and peak is not None and peak <= STORAGE_RSS_TARGET_MB)
+    window = t.window
+    stored_n = (r.per_s or 0.0) * window
+    series = x.get("series_rss_mb_per_s") or []
+    return {
+        "bench": "overload", "case": f"overload {serializer} x{batch}", "serializer": serializer,
+        "readings_per_event": batch, "publishers": PUBLISHERS, "devices": PUBLISHERS * DEVICES_PER_PUBLISHER,
+        "window_per_device": WINDOW, "run_s": t.duration, "window_s": window,
+        "settings_override": OVERLOAD_SETTINGS,
+        "bottleneck": (f"writer: batching.max_readings={OVERLOAD_MAX_READINGS} (each event is its own batch, "
+                       "sealed and committed, group commit of at most 64 per transaction); "
+                       "storage.writer_queue unchanged (default 16)"),
+        "stored_per_s": r.per_s, "received_total": received, "received_per_s": received / t.duration,
+        "published_total": x.get("published_total"), "published_per_s": r.published_per_s,
+        "shed": shed, "shed_fraction": ratio(shed, received), "resends": x.get("resends"),
+        "stored_total": x.get("stored_total"), "batches": x.get("batches"),
+        "out_of_order": x.get("out_of_order"), "out_of_order_fraction": ratio(x.get("out_of_order"), received),
+        "duplicates": x.get("duplicates"),
+        "overloaded": overloaded,
+        "storage_rss_peak_mb": peak, "storage_rss_first_half_peak_mb": first,
+        "storage_rss_second_half_peak_mb": second,
+        "storage_rss_growth_mb": None if first is None or second is None else second - first,
+        "storage_rss_mb_per_s": series, "storage_rss_slope_mb_per_min": _slope_per_min(series),
+        "flat": flat, "flat_rule": FLAT_RULE, "storage_rss_flat": flat,
+        "cpu_s_router": r.cpu["router"], "cpu_s_storage": r.cpu["sub"], "cpu_s_publishers": r.cpu["publishers"],
+        "cpu_s_other": r.cpu["other"], "storage_us_per_reading": ratio(r.cpu["sub"] * 1e6, stored_n),
+        "target": f"<= {STORAGE_RSS_TARGET_MB:g} MB and flat", "meets_target": meets,
+        "note": ("RSS halves are over the overload window (after the warm-up); stored_per_s over the same "
+                 "window from the committed batches; readings after a shed one arrive as out_of_order (a gap) "
+                 "and are dropped until the device goes back, so stored_per_s is the goodput under overload"
+                 if overloaded else
+                 "NOT an overload: storage shed nothing, so this run does not measure the target"),
+    }
+
+
 def run(opts: Options) -> list[dict[str, Any]]:
-    """Every case on one router: ceiling and stored runs in ABBA order (one pair in quick mode)."""
+    """Every case on one router: ceiling and stored runs in ABBA order (one pair in quick mode), then overload."""
     t = timing(opts)
     order = ["ceiling", "stored"] if opts.quick else ["ceiling", "stored", "stored", "ceiling"]
     lines = []
@@ -302,6 +406,7 @@ def run(opts: Options) -> list[dict[str, Any]]:
                                                      "stored_total", "received_total")},
             }
             lines.append(emit(line))
+        lines.append(emit(run_overload(procs, mem, root, port, router, opts)))
     return lines
 
 
