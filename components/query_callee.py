@@ -21,7 +21,7 @@ from components.errors import ConfigError, IotError, StorageUnavailable
 from components.query import AuditLog, QueryService
 from components.settings import Settings
 from components.store import LazyStore, open_store
-from components.wamp import make_component, start_service, ticket_auth
+from components.wamp import make_component, start_service, ticket_auth, tune_gc
 
 log = txaio.make_logger()
 
@@ -108,6 +108,7 @@ def run(settings: Settings, authid: str = "query") -> int:
     except (ConfigError, IotError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    tune_gc()
     reactor.suggestThreadPoolSize(THREADS.get(settings.storage.backend, 2))
     service = QueryService(settings.query, store, keys)
     audit = AuditLog(store, keys, f"{socket.gethostname()}:{os.getpid()}", settings.query.max_results)
