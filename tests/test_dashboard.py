@@ -304,8 +304,9 @@ async def test_filters_in_the_url_restrict_what_is_shown(hub, open_page) -> None
     assert shown == [["1", "humidity"]]
     rows = await page.eval("() => sensorHub.devices()")
     assert [(r["device_id"], sorted(r["last"])) for r in rows] == [("1", ["humidity"])]
-    assert await page.eval("() => [...document.querySelectorAll('#devices tbody tr')].map(r => r.dataset.device)") \
-        == ["1"]
+    # the table as drawn (on the next redraw, at most 250 ms later): device 1's row only
+    await page.wait("""() => [...document.querySelectorAll('#devices tbody tr')].map(r => r.dataset.device)
+                             .join() === '1'""")
     # what is hidden is known (the filters offer it, from the next redraw on), only not shown
     await page.wait("""([devices, sensors]) => {
         const [d, s] = ['device-filter', 'sensor-filter'].map(id =>
