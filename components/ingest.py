@@ -299,16 +299,28 @@ class IngestService:
     def _sequence(self, device_id: str, payload: object, cols: Columns, rejected: list[tuple[int, str]]
                   ) -> Columns:
         committed = self._state.seq.get(device_id, 0)
-        expected = self._next_seq.get(device_id, committed + 1)
+        start = self._next_seq.get(device_id, committed + 1)
         n = len(cols.seqs)
-        if not rejected and cols.seqs[0] == expected and cols.seqs == list(range(expected, expected + n)):
-            # the usual event: the next readings in order, checked in one comparison
-            self._next_seq[device_id] = expected + n
-            self._marks[device_id] = expected + n - 1
+        keep: list[int] | None = None
+        if not rejected and cols.seqs[0] == start and cols.seqs == list(range(start, start + n)):
+            expected = start + n  # the usual event: the next readings in order, checked in one comparison
+        else:
+            keep, expected = self._walk_seqs(device_id, payload, cols, rejected, committed, start)
+        if expected != start:
+            self._next_seq[device_id] = expected
+            self._marks[device_id] = expected - 1
             if self._open_since is None:
                 self._open_since = self._clock()
+        if keep is None or len(keep) == len(cols.ts):
             return cols
-        start = expected
+        out = Columns([cols.ts[i] for i in keep], [cols.values[i] for i in keep], [cols.seqs[i] for i in keep],
+                      [cols.datas[i] for i in keep])
+        out.data_bytes = cols.data_bytes if any(d is not None for d in out.datas) else 0
+        return out
+
+    def _walk_seqs(self, device_id: str, payload: object, cols: Columns, rejected: list[tuple[int, str]],
+                   committed: int, expected: int) -> tuple[list[int], int]:
+        """Reading by reading: the accepted readings to keep, and the next expected seq."""
         raw = payload if type(payload) is list else [payload]
         bad = dict(rejected)
         keep: list[int] = []
@@ -333,17 +345,7 @@ class IngestService:
                 self.counters.out_of_order += 1
                 self._reacks.add(device_id)  # repeat the last ack: the device learns it must go back
             accepted += 1
-        if expected != start:
-            self._next_seq[device_id] = expected
-            self._marks[device_id] = expected - 1
-            if self._open_since is None:
-                self._open_since = self._clock()
-        if len(keep) == len(cols.ts):
-            return cols
-        out = Columns([cols.ts[i] for i in keep], [cols.values[i] for i in keep], [cols.seqs[i] for i in keep],
-                      [cols.datas[i] for i in keep])
-        out.data_bytes = cols.data_bytes if any(d is not None for d in out.datas) else 0
-        return out
+        return keep, expected
 
     def _add(self, device_id: str, sensor_type: str, received_at: float, cols: Columns) -> None:
         bucket_s = self._bucket_s

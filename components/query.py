@@ -118,6 +118,10 @@ def _as_reading(row: Row) -> dict[str, Any]:
     return reading_dict(row[5], row[6], row[0], row[1], row[2], row[3], row[4])
 
 
+_CacheItem = tuple[SealedBatch, list[Group], dict[str, list[Group]]]
+"""A cached batch: the record as it was opened, its groups, and its groups by device."""
+
+
 class BatchCache:
     """Decrypted batches, least recently used evicted first, bounded by the number of readings held.
 
@@ -129,7 +133,7 @@ class BatchCache:
         """Hold at most ``max_readings`` readings."""
         self._max = max_readings
         self._held = 0
-        self._items: OrderedDict[str, tuple[SealedBatch, list[Group], dict[str, list[Group]]]] = OrderedDict()
+        self._items: OrderedDict[str, _CacheItem] = OrderedDict()
         self._lock = threading.Lock()
 
     def groups(self, ring: KeyRing, sealed: SealedBatch, device_id: str | None = None) -> list[Group]:
@@ -137,25 +141,33 @@ class BatchCache:
         byte the one that was opened (so an edited index field or a moved body is never served from memory),
         else freshly opened."""
         with self._lock:
-            hit = self._items.get(sealed.uid)
-            if hit is not None and hit[0] == sealed:
+            item = self._items.get(sealed.uid)
+            if item is not None and item[0] == sealed:
                 self._items.move_to_end(sealed.uid)
-                return hit[1] if device_id is None else hit[2].get(device_id, [])
+            else:
+                item = None
+        if item is None:
+            item = self._open(ring, sealed)
+        return item[1] if device_id is None else item[2].get(device_id, [])
+
+    def _open(self, ring: KeyRing, sealed: SealedBatch) -> _CacheItem:
+        """Decrypt a batch, index its groups by device, and keep it (evicting the least recently used)."""
         groups = open_groups(ring, sealed)
         by_device: dict[str, list[Group]] = {}
         for group in groups:
             by_device.setdefault(group[0], []).append(group)
+        item = (sealed, groups, by_device)
         if sealed.count <= self._max:
             with self._lock:
                 old = self._items.pop(sealed.uid, None)
                 if old is not None:
                     self._held -= old[0].count
-                self._items[sealed.uid] = (sealed, groups, by_device)
+                self._items[sealed.uid] = item
                 self._held += sealed.count
                 while self._held > self._max:
                     _, (evicted, _, _) = self._items.popitem(last=False)
                     self._held -= evicted.count
-        return groups if device_id is None else by_device.get(device_id, [])
+        return item
 
 
 class QueryService:

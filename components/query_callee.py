@@ -109,7 +109,7 @@ def run(settings: Settings, authid: str = "query") -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     tune_gc()
-    reactor.suggestThreadPoolSize(THREADS.get(settings.storage.backend, 2))
+    reactor.suggestThreadPoolSize(THREADS[settings.storage.backend])
     service = QueryService(settings.query, store, keys)
     audit = AuditLog(store, keys, f"{socket.gethostname()}:{os.getpid()}", settings.query.max_results)
     component = make_component(settings.router, ticket_auth(authid, ticket))

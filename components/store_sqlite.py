@@ -7,7 +7,6 @@ span (see :func:`components.store.span_class`); an index on (class, lower bound,
 
 from __future__ import annotations
 
-import itertools
 import logging
 import sqlite3
 import threading
@@ -48,7 +47,8 @@ CREATE TABLE IF NOT EXISTS states (name TEXT PRIMARY KEY, key_id TEXT NOT NULL, 
 
 
 def _row(r: Sequence[Any]) -> SealedBatch:
-    return SealedBatch(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], bytes(r[8]), r[9])
+    """A record from its columns (``_COLS``, in the field order of SealedBatch)."""
+    return SealedBatch(*r)
 
 
 class SqliteBatchStore:
@@ -146,7 +146,7 @@ class SqliteBatchStore:
             params += [kind, c, start - 2.0**c, end, start]
         sql = " UNION ALL ".join(parts) + " ORDER BY lo"
         try:
-            return list(itertools.starmap(SealedBatch, self._conn().execute(sql, params)))  # columns in field order
+            return list(map(_row, self._conn().execute(sql, params)))
         except sqlite3.Error as err:
             raise StorageUnavailable(f"SQLite read of {self.path} failed: {err}") from err
 
