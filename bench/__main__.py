@@ -32,8 +32,6 @@ from bench.common import (
 BENCHES: dict[str, ModuleType] = {"ingest": ingest, "query": query, "cost": cost, "http": http_bridge,
                                   "dynamo": dynamo}
 """Benchmark name -> module (each has ``run(opts)`` and ``COLUMNS``), in the order ``make bench`` runs them."""
-STORAGE_RSS_TARGET_MB = 256.0
-FLAT_TOLERANCE = 1.10
 """Storage memory is "flat" when no run's second-half peak exceeds its first-half peak by more than 10%."""
 MEMORY_COLUMNS = {"memory": ["storage_rss_peak_mb", "storage_flat", "query_rss_peak_mb", "target", "meets_target"]}
 TARGET_COLUMNS = ["bench", "case", "value", "target", "meets_target"]
@@ -53,14 +51,14 @@ def memory_line(results: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
     line: dict[str, Any] = {"bench": "memory", "case": "peak RSS"}
     if ingest_lines:
         peak = _max([r.get("storage_rss_peak_mb") for r in ingest_lines])
-        flat = all(r["storage_rss_flat"] if "storage_rss_flat" in r  # the overload line states its own rule
-                   else (r.get("storage_rss_second_half_peak_mb") or 0.0)
-                   <= FLAT_TOLERANCE * (r.get("storage_rss_first_half_peak_mb") or 0.0) for r in ingest_lines)
+        # one rule for every line (ingest.FLAT_RULE); a line without samples in both halves does not count
+        flat = all(ingest.is_flat(r.get("storage_rss_first_half_peak_mb"), r.get("storage_rss_second_half_peak_mb"))
+                   is not False for r in ingest_lines)
         overloaded = sum(r.get("shed") or 0 for r in ingest_lines)
         line.update(storage_rss_peak_mb=peak, storage_flat=flat,
                     storage_rss_by_case={r["case"]: r.get("storage_rss_peak_mb") for r in ingest_lines},
-                    storage_readings_shed=overloaded, **target(peak, STORAGE_RSS_TARGET_MB, at_most=True))
-        line["target"] = f"storage <= {STORAGE_RSS_TARGET_MB:g} MB and flat"
+                    storage_readings_shed=overloaded, **target(peak, ingest.STORAGE_RSS_TARGET_MB, at_most=True))
+        line["target"] = f"storage <= {ingest.STORAGE_RSS_TARGET_MB:g} MB and flat"
         line["meets_target"] = bool(line["meets_target"] and flat)
         overload = [r for r in ingest_lines if r.get("bench") == "overload"]
         line["storage_overloaded"] = any(r.get("overloaded") for r in overload)
