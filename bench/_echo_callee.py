@@ -1,6 +1,6 @@
 """The HTTP bridge benchmark's router-only baseline: a callee that answers one procedure with a fixed answer.
 
-It logs in as the query callee does (ticket ``query``, role storage), registers ``--procedure`` with the
+It logs in as the query callee does (ticket ``query``, role query), registers ``--procedure`` with the
 same options, and returns the JSON value of ``--answer`` to every call without looking at its arguments:
 the router, the bridge and the serialization do all their work, the callee none. Stops on SIGTERM.
 """

@@ -25,11 +25,16 @@ from nacl.signing import SigningKey
 from components.errors import ConfigError
 from components.readings import valid_id
 
-ROLES = ("storage", "reader", "admin")
+ROLES = ("storage", "query", "reader", "admin")
 """Roles a ticket principal may hold (devices get a role of their own, made by the router)."""
 
-SERVICE_PRINCIPALS = {"storage": "storage", "query": "storage", "dashboard": "reader", "admin": "admin"}
+SERVICE_PRINCIPALS = {"storage": "storage", "query": "query", "dashboard": "reader", "admin": "admin"}
 """Principals created on first run: authid -> role."""
+
+ROLE_MIGRATIONS = {("query", "storage"): "query"}
+"""(authid, role it had in an older version) -> the role it has now: applied to existing principals on start.
+
+Query callees used to log in with the storage role, which may publish acks; they now hold a role of their own."""
 
 
 def write_private(path: Path, text: str) -> None:
@@ -193,21 +198,35 @@ class CredentialStore:
         data[device_id]["revoked_at"] = time.time()
         write_private(self.devices_file, json.dumps(data, indent=2, sort_keys=True))
 
+    def _migrate_roles(self) -> list[str]:
+        """Give principals of an older version the role they have now (their tickets stay valid)."""
+        data = self._load(self.principals_file)
+        changed = []
+        for authid, p in data.items():
+            role = ROLE_MIGRATIONS.get((authid, p.get("role")))
+            if role is not None:
+                changed.append(f"role of {authid} changed from {p['role']} to {role}")
+                p["role"] = role
+        if changed:
+            write_private(self.principals_file, json.dumps(data, indent=2, sort_keys=True))
+        return changed
+
     def ensure_local(self, device_ids: Iterable[str] = ()) -> list[str]:
-        """Create what a local stack needs and is missing; return what was created (names only)."""
+        """Create what a local stack needs and is missing, migrate old roles; return what was done (names only)."""
         created = []
         self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        created += self._migrate_roles()
         principals = self.principals()
         for authid, role in SERVICE_PRINCIPALS.items():
             if authid not in principals or not self.ticket_file(authid).exists():
                 self.add_principal(authid, role)
-                created.append(f"ticket for {authid} ({role})")
+                created.append(f"created ticket for {authid} ({role})")
         devices = self.devices()
         for device_id in device_ids:
             if device_id not in devices or not self.device_key_file(device_id).exists():
                 self.add_device(device_id)
-                created.append(f"key for device {device_id}")
+                created.append(f"created key for device {device_id}")
         if not self.bridge_file.exists():
             self.bridge_secret()
-            created.append("HTTP bridge key and secret")
+            created.append("created HTTP bridge key and secret")
         return created

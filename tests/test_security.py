@@ -5,19 +5,20 @@ from __future__ import annotations
 
 import base64
 import datetime
+import http.client
 import ipaddress
 import json
-import socket
 import ssl
 import subprocess
 import sys
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
 import pytest
 import pytest_twisted
 from autobahn.wamp.exception import ApplicationError
-from autobahn.wamp.types import PublishOptions, RegisterOptions
+from autobahn.wamp.types import PublishOptions, RegisterOptions, SubscribeOptions
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -27,7 +28,7 @@ from twisted.internet import threads
 
 from components import uris
 from components.credentials import CredentialStore
-from components.httpsign import post
+from components.httpsign import sign
 from components.routercfg import http_base
 from components.wamp import device_auth, ticket_auth
 from tests.harness import (
@@ -167,6 +168,69 @@ def test_nobody_else_can_register_a_query_procedure(router, router_settings, tmp
 
 
 @pytest_twisted.inlineCallbacks
+def test_a_query_callee_may_register_query_procedures_and_nothing_else(router, router_settings) -> None:
+    query = yield as_principal(router_settings, "query")
+    device = yield as_device(router_settings, "0")
+    acks = []
+    yield device.subscribe(lambda payload: acks.append(payload), uris.ack_topic("0"))
+    try:
+        # the allowed neighbour: a procedure of the query namespace
+        registration = yield query.register(lambda: "probe", "iot.fetch_probe", options=RegisterOptions(
+            invoke="roundrobin"))
+        yield registration.unregister()
+        # a forged ack would make device 0 drop readings that were never stored
+        with pytest.raises(ApplicationError) as err:
+            yield query.publish(uris.ack_topic("0"), {"seq": 1_000_000_000}, options=ACK)
+        assert err.value.error == NOT_AUTHORIZED
+        for denied in (lambda: query.publish(uris.sensor_topic("0", "humidity"), {"value": 1.0, "ts": 1.0},
+                                             options=ACK),
+                       lambda: query.subscribe(lambda *a: None, uris.SENSOR_PREFIX,
+                                               options=SubscribeOptions(match="prefix")),
+                       lambda: query.subscribe(lambda *a: None, uris.ack_topic("0")),
+                       lambda: query.register(lambda: None, "iot.ack.0"),
+                       lambda: query.register(lambda: None, "iot.sensor.0.humidity"),
+                       lambda: query.register(lambda: None, "iot.storage_probe"),
+                       lambda: query.call(uris.GET_MAX_REL_TIME)):
+            with pytest.raises(ApplicationError) as err:
+                yield denied()
+            assert err.value.error == NOT_AUTHORIZED
+        assert acks == []
+    finally:
+        yield query.close()
+        yield device.close()
+
+
+@pytest_twisted.inlineCallbacks
+def test_storage_may_subscribe_to_readings_and_publish_acks_and_nothing_else(router, router_settings) -> None:
+    storage = yield as_principal(router_settings, "storage")
+    try:
+        subscription = yield storage.subscribe(lambda *a, **kw: None, uris.SENSOR_PREFIX,
+                                               options=SubscribeOptions(match="prefix"))
+        yield subscription.unsubscribe()
+        yield storage.publish(uris.ack_topic("0"), {"seq": 0}, options=ACK)
+        for denied in (lambda: storage.register(lambda: None, "iot.fetch_probe",
+                                                options=RegisterOptions(invoke="roundrobin")),
+                       lambda: storage.publish(uris.sensor_topic("0", "humidity"), {"value": 1.0, "ts": 1.0},
+                                               options=ACK),
+                       lambda: storage.call(uris.GET_MAX_REL_TIME)):
+            with pytest.raises(ApplicationError) as err:
+                yield denied()
+            assert err.value.error == NOT_AUTHORIZED
+    finally:
+        yield storage.close()
+
+
+def test_a_query_principal_of_an_older_version_gets_the_query_role_and_keeps_its_ticket(tmp_path) -> None:
+    store = CredentialStore(tmp_path)
+    ticket = store.add_principal("query", "storage")  # as older versions created it
+    done = store.ensure_local()
+    assert "role of query changed from storage to query" in done
+    principal = store.principals()["query"]
+    assert principal.role == "query" and principal.accepts(ticket)
+    assert not any("role of" in d for d in store.ensure_local())  # once
+
+
+@pytest_twisted.inlineCallbacks
 def test_a_revoked_device_is_disconnected_and_refused(router, router_settings) -> None:
     store = CredentialStore(router_settings.paths.secrets_dir)
     store.add_device("revokee")  # no router restart needed
@@ -186,43 +250,58 @@ def test_a_revoked_device_is_disconnected_and_refused(router, router_settings) -
     yield other.close()
 
 
-def non_loopback_address() -> str:
-    """This machine's address on its default route (not 127.x)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.connect(("192.0.2.1", 9))  # no packet is sent: this only picks the outgoing interface
-        address: str = s.getsockname()[0]
-    assert not ipaddress.ip_address(address).is_loopback, address
-    return address
+FAR_CLIENT = "127.0.0.2"
+"""A loopback address outside the bridge's allow-list (127.0.0.1/32, ::1/128): a client "from elsewhere"."""
+
+
+def post_from(source: str, url: str, payload: dict, signing: dict | None = None) -> tuple[int, object]:
+    """POST ``payload`` as JSON from the local address ``source`` (signed when ``signing`` is given)."""
+    body = json.dumps(payload).encode()
+    parts = urllib.parse.urlsplit(url)
+    target = parts.path
+    if signing is not None:
+        target += "?" + urllib.parse.urlencode(sign(signing["key"], signing["secret"], body))
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30, source_address=(source, 0))
+    try:
+        conn.request("POST", target, body, {"Content-Type": "application/json"})
+        response = conn.getresponse()
+        text = response.read().decode()
+    finally:
+        conn.close()
+    try:
+        return response.status, json.loads(text) if text else None
+    except json.JSONDecodeError:
+        return response.status, text
 
 
 def reading_publish(device: str = "14") -> dict:
     return {"topic": uris.sensor_topic(device, "humidity"), "args": [{"value": 99, "ts": 1500052521}]}
 
 
-def test_the_http_bridge_refuses_non_loopback_clients_by_default_and_unsigned_requests_when_signing_is_on(
+def test_the_http_bridge_refuses_clients_outside_its_allow_list_and_unsigned_requests_when_signing_is_on(
         tmp_path) -> None:
-    address = non_loopback_address()
     for mode in ("loopback", "signed"):
-        s = stack_settings(tmp_path / mode, overrides={"router": {"listen_host": "0.0.0.0", "http_bridge": mode}})
+        s = stack_settings(tmp_path / mode, overrides={"router": {"http_bridge": mode}})
         proc = RouterProcess(s).start()
         try:
-            far = f"http://{address}:{s.router.listen_port}"
-            near = http_base(s)
-            status, _ = post(f"{far}/publish", reading_publish())
-            assert status in (400, 401), f"{mode}: unsigned non-loopback publish got {status}"
-            status, _ = post(f"{far}/call", {"procedure": uris.GET_MAX_REL_TIME})
-            assert status in (400, 401)
+            base = http_base(s)
+            status, answer = post_from(FAR_CLIENT, f"{base}/publish", reading_publish())
+            assert status in (400, 401), f"{mode}: unsigned publish from {FAR_CLIENT} got {status}"
+            reason = "based on IP" if mode == "loopback" else "signature"
+            assert reason in answer["error"], answer  # refused for the reason the mode gives, not by accident
+            status, _ = post_from(FAR_CLIENT, f"{base}/call", {"procedure": uris.GET_MAX_REL_TIME})
+            assert status in (400, 401), f"{mode}: unsigned call from {FAR_CLIENT} got {status}"
             if mode == "loopback":
-                status, answer = post(f"{near}/publish", reading_publish())
-                assert status == 200 and "id" in answer  # the allowed action beside it
+                status, answer = post_from("127.0.0.1", f"{base}/publish", reading_publish())
+                assert status == 200 and "id" in answer  # the allowed neighbour
             else:
-                status, _ = post(f"{near}/publish", reading_publish())
+                status, _ = post_from("127.0.0.1", f"{base}/publish", reading_publish())
                 assert status in (400, 401)  # unsigned is refused from anywhere
                 secret = CredentialStore(s.paths.secrets_dir).bridge_secret()
-                status, answer = post(f"{far}/publish", reading_publish(), signing=secret)
+                status, answer = post_from(FAR_CLIENT, f"{base}/publish", reading_publish(), signing=secret)
                 assert status == 200 and "id" in answer
                 bad = dict(secret, secret="wrong")
-                status, _ = post(f"{far}/publish", reading_publish(), signing=bad)
+                status, _ = post_from(FAR_CLIENT, f"{base}/publish", reading_publish(), signing=bad)
                 assert status == 401
         finally:
             proc.stop()
