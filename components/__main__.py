@@ -103,7 +103,7 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
         from devices.simulator import device_ids
 
         created = store.ensure_local(device_ids(settings.simulator.devices, settings.simulator.first_device))
-        print("\n".join(f"created {c}" for c in created) or "nothing to create")
+        print("\n".join(created) or "nothing to create")
         return 0
     if args.command == "settings":
         print(_settings_json(settings))

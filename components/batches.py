@@ -1,7 +1,8 @@
 """Batches: collecting readings, sealing them into one encrypted record, opening them again.
 
 A batch's plaintext is msgpack of ``[FORMAT, groups]``; a group is the readings of one event as columns
-``[device_id, sensor_type, received_at, ts[], value[], seq[] | None, data[] | None]``. Keeping the
+``[device_id, sensor_type, received_at, ts[], value[], seq[] | None, data[] | None]``, followed by the
+spool epoch of the seqs when the event named one. Keeping the
 event's columns as they arrived makes collecting cheap (no per-reading objects) and lets a query skip a
 whole group when its device or sensor type does not match.
 """
@@ -25,7 +26,12 @@ _OVERHEAD_PER_READING = 24
 _OVERHEAD_PER_GROUP = 48
 
 Group = list[Any]
-"""``[device_id, sensor_type, received_at, ts, values, seqs | None, datas | None]``."""
+"""``[device_id, sensor_type, received_at, ts, values, seqs | None, datas | None]`` plus ``epoch`` when it has one."""
+
+
+def group_epoch(group: Group) -> str | None:
+    """The spool epoch a group's seqs belong to (None: sent without one)."""
+    return group[7] if len(group) > 7 else None
 
 
 @dataclass(slots=True)
@@ -42,11 +48,15 @@ class OpenBatch:
     rec_lo: float = float("inf")
     rec_hi: float = float("-inf")
 
-    def add(self, device_id: str, sensor_type: str, received_at: float, cols: Columns) -> None:
+    def add(self, device_id: str, sensor_type: str, received_at: float, cols: Columns, epoch: str | None = None
+            ) -> None:
         """Add one event's accepted readings (all of this batch's bucket)."""
         seqs = cols.seqs if any(s is not None for s in cols.seqs) else None
         datas = cols.datas if cols.data_bytes else None
-        self.add_group([device_id, sensor_type, received_at, cols.ts, cols.values, seqs, datas], cols.data_bytes)
+        group = [device_id, sensor_type, received_at, cols.ts, cols.values, seqs, datas]
+        if epoch is not None and seqs is not None:
+            group.append(epoch)
+        self.add_group(group, cols.data_bytes)
 
     def add_group(self, group: Group, data_bytes: int = 0) -> None:
         """Add a group as it is stored."""
@@ -67,9 +77,9 @@ class OpenBatch:
 
 
 def _slice(group: Group, a: int, b: int) -> Group:
-    device_id, sensor_type, rec, ts, values, seqs, datas = group
+    device_id, sensor_type, rec, ts, values, seqs, datas, *epoch = group
     return [device_id, sensor_type, rec, ts[a:b], values[a:b], seqs[a:b] if seqs else None,
-            datas[a:b] if datas else None]
+            datas[a:b] if datas else None, *epoch]
 
 
 def _fitting(group: Group, limit: int) -> list[tuple[Group, int]]:
@@ -175,7 +185,7 @@ def reseal_state(ring: KeyRing, old: SealedState) -> SealedState:
 
 def iter_readings(groups: list[Group]) -> Iterator[tuple[str, str, float, float, float, int | None, Any]]:
     """Every reading of a batch as (device_id, sensor_type, received_at, ts, value, seq, data)."""
-    for device_id, sensor_type, received_at, ts, values, seqs, datas in groups:
+    for device_id, sensor_type, received_at, ts, values, seqs, datas, *_ in groups:
         for i, t in enumerate(ts):
             yield (device_id, sensor_type, received_at, t, values[i], seqs[i] if seqs else None,
                    datas[i] if datas else None)

@@ -6,11 +6,14 @@ them sits a bounded queue of closed batches. When it is full, the service *sheds
 until the writer catches up are counted and dropped, not acknowledged, so devices that number their
 readings send them again; memory never grows without bound.
 
-Delivery (readings with ``seq``): per device, storage accepts seq numbers in order, starting at 1. A seq
-below the next expected one is a duplicate and is dropped; one above it (a gap, after a lost event) is
-dropped too, and the last ack is repeated so the device sends again from there (go-back-N). The highest
-committed seq per device is part of the state record committed in the same transaction as the batch, and
-is only then acknowledged.
+Delivery (readings with ``seq``): per device and spool epoch, storage accepts seq numbers in order, starting
+at 1. A seq below the next expected one is a duplicate and is dropped; one above it (a gap, after a lost
+event) is dropped too, and the last ack is repeated so the device sends again from there (go-back-N). The
+highest committed seq per device and epoch is part of the state record committed in the same transaction as
+the batch, and is only then acknowledged. The epoch is a random id a device's spool gets when it is created
+(the producer epoch of Kafka's idempotent producer): a device that lost its spool starts a new epoch at seq 1,
+and its readings are never taken for duplicates of the old epoch's. Events without an epoch share one
+sequence per device, as devices of older versions send them.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from components import readings as rd
-from components.batches import OpenBatch, open_groups, open_state, seal_batch, seal_state, split_batch
+from components.batches import OpenBatch, group_epoch, open_groups, open_state, seal_batch, seal_state, split_batch
 from components.crypto import KeyRing
 from components.errors import IotError
 from components.readings import Columns
@@ -46,6 +49,9 @@ REJECT_LOG_INTERVAL_S = 1.0
 RETRY_MIN_S, RETRY_MAX_S = 0.05, 5.0
 SHED = "shed"
 GROUP_COMMIT_JOBS = 64
+
+Mark = tuple[str, str | None]
+"""What a seq sequence belongs to: (device_id, spool epoch or None)."""
 
 
 def shard_of(device_id: str, shards: int) -> int:
@@ -90,16 +96,16 @@ class Counters:
 class StorageState:
     """What a storage instance has committed: seq marks, a per-device summary, counters."""
 
-    seq: dict[str, int] = field(default_factory=dict)
+    seq: dict[Mark, int] = field(default_factory=dict)
     # device -> sensor type -> [count, first_ts, last_ts, last_received_at, latest [ts, value, seq, data, rec]]
     devices: dict[str, dict[str, list[Any]]] = field(default_factory=dict)
     counters: Counters = field(default_factory=Counters)
 
-    def apply(self, batches: list[OpenBatch], marks: dict[str, int]) -> int:
+    def apply(self, batches: list[OpenBatch], marks: dict[Mark, int]) -> int:
         """Fold committed batches and seq marks into the summary; return the number of readings."""
         n = 0
         for batch in batches:
-            for device_id, sensor_type, rec, ts, values, seqs, datas in batch.groups:
+            for device_id, sensor_type, rec, ts, values, seqs, datas, *_ in batch.groups:
                 n += len(ts)
                 lo, hi = min(ts), max(ts)
                 entry = self.devices.setdefault(device_id, {}).get(sensor_type)
@@ -112,14 +118,27 @@ class StorageState:
                     i = ts.index(hi)
                     entry[4] = [hi, values[i], seqs[i] if seqs else None, datas[i] if datas else None, rec]
                 entry[2] = max(entry[2], hi)
-        for device_id, seq in marks.items():
-            if seq > self.seq.get(device_id, 0):
-                self.seq[device_id] = seq
+        for mark, seq in marks.items():
+            if seq > self.seq.get(mark, 0):
+                self.seq[mark] = seq
         return n
+
+    def marks_record(self) -> tuple[dict[str, int], dict[str, dict[str, int]]]:
+        """The seq marks as stored: {device: seq} without epoch, {device: {epoch: seq}} with one."""
+        plain: dict[str, int] = {}
+        by_epoch: dict[str, dict[str, int]] = {}
+        for (device_id, epoch), seq in self.seq.items():
+            if epoch is None:
+                plain[device_id] = seq
+            else:
+                by_epoch.setdefault(device_id, {})[epoch] = seq
+        return plain, by_epoch
 
     def record(self, shard: int, shards: int, queue_depth: int, replay: dict[str, Any]) -> dict[str, Any]:
         """The value sealed into the state record."""
-        return {"v": STATE_VERSION, "shard": shard, "shards": shards, "seq": self.seq, "devices": self.devices,
+        plain, by_epoch = self.marks_record()
+        return {"v": STATE_VERSION, "shard": shard, "shards": shards, "seq": plain, "epochs": by_epoch,
+                "devices": self.devices,
                 "counters": self.counters.as_dict(), "queue_depth": queue_depth, "written_at": time.time(),
                 "replay": replay}
 
@@ -127,7 +146,7 @@ class StorageState:
 @dataclass
 class _Job:
     batches: list[OpenBatch]
-    marks: dict[str, int]
+    marks: dict[Mark, int]
     counters: dict[str, Any]
     closed_at: float
 
@@ -139,17 +158,17 @@ def _merge(jobs: list[_Job]) -> _Job:
     """Jobs closed one after the other, as one: every batch, the latest marks, counters and close time."""
     if len(jobs) == 1:
         return jobs[0]
-    marks: dict[str, int] = {}
+    marks: dict[Mark, int] = {}
     for j in jobs:
         marks.update(j.marks)  # a device's marks only grow
     return _Job([b for j in jobs for b in j.batches], marks, jobs[-1].counters, jobs[-1].closed_at)
 
 
 class IngestService:
-    """Storage's core. ``on_commit(acks)`` is called (from the writer thread) with device -> committed seq."""
+    """Storage's core. ``on_commit(acks)`` is called (from the writer thread) with (device, epoch) -> committed seq."""
 
     def __init__(self, storage: StorageSettings, batching: BatchingSettings, store: BatchStore,
-                 keys: Callable[[], KeyRing], on_commit: Callable[[dict[str, int]], None],
+                 keys: Callable[[], KeyRing], on_commit: Callable[[dict[Mark, int]], None],
                  clock: Callable[[], float] = time.time) -> None:
         """Ingest into ``store``, sealing with ``keys()`` (called per write, so a rekey is picked up)."""
         self._store = store
@@ -168,9 +187,9 @@ class IngestService:
         self._open_count = 0
         self._open_bytes = 0
         self._open_since: float | None = None
-        self._marks: dict[str, int] = {}
-        self._next_seq: dict[str, int] = {}
-        self._reacks: set[str] = set()
+        self._marks: dict[Mark, int] = {}
+        self._next_seq: dict[Mark, int] = {}
+        self._reacks: set[Mark] = set()
         self._held: _Job | None = None
         self._reject_log: Counter[str] = Counter()
         self._reject_example: dict[str, str] = {}
@@ -190,10 +209,12 @@ class IngestService:
         ring = self._keys()
         for sealed in self._store.states(STATE_PREFIX):
             value = open_state(ring, sealed)
-            for device_id, seq in value.get("seq", {}).items():
-                # every shard's marks: a device that moved shards keeps its sequence
-                if seq > self._state.seq.get(device_id, 0):
-                    self._state.seq[device_id] = seq
+            # every shard's marks: a device that moved shards keeps its sequence
+            marks: list[tuple[Mark, int]] = [((d, None), seq) for d, seq in value.get("seq", {}).items()]
+            marks += [((d, e), seq) for d, epochs in value.get("epochs", {}).items() for e, seq in epochs.items()]
+            for mark, seq in marks:
+                if seq > self._state.seq.get(mark, 0):
+                    self._state.seq[mark] = seq
             if sealed.name == self._name:
                 self._state.devices = value.get("devices", {})
                 self._state.counters = Counters.from_dict(value.get("counters", {}))
@@ -219,13 +240,14 @@ class IngestService:
             if sealed.uid in known:
                 continue
             batch = OpenBatch(sealed.bucket, 0.0)
-            marks: dict[str, int] = {}
+            marks: dict[Mark, int] = {}
             for group in open_groups(ring, sealed):
                 if self._shards > 1 and shard_of(group[0], self._shards) != self._shard:
                     break  # another instance's batch
                 batch.add_group(group)
                 if group[5]:
-                    marks[group[0]] = max(marks.get(group[0], 0), max(s for s in group[5] if s is not None))
+                    mark = (group[0], group_epoch(group))
+                    marks[mark] = max(marks.get(mark, 0), max(s for s in group[5] if s is not None))
             else:
                 self._state.counters.stored += self._state.apply([batch], marks)
                 self._state.counters.batches += 1
@@ -266,8 +288,10 @@ class IngestService:
         return self.lost_on_shutdown == 0
 
     # ---- caller thread
-    def ingest(self, topic: str, payload: object, received_at: float | None = None) -> None:
-        """Take one event published on ``topic``. Never raises on bad input: it is counted instead."""
+    def ingest(self, topic: str, payload: object, received_at: float | None = None, epoch: object = None) -> None:
+        """Take one event published on ``topic`` (with the spool ``epoch`` of its seqs, if the device sent one).
+
+        Never raises on bad input: it is counted instead."""
         parsed = parse_sensor_topic(topic)
         n_total = max(1, len(payload)) if type(payload) is list else 1  # an empty event counts as one refusal
         if parsed is None or not rd.valid_id(parsed[0]) or not rd.valid_id(parsed[1]):
@@ -283,32 +307,35 @@ class IngestService:
             self.counters.shed += n_total
             self._reject_log[SHED] += n_total
             return
+        if epoch is not None and not rd.valid_id(epoch):
+            self._reject(rd.BAD_EPOCH, n_total, topic)
+            return
+        mark: Mark = (device_id, epoch)  # type: ignore[assignment]  # checked just above
         cols, rejected = rd.validate_event(device_id, sensor_type, payload)
         for _, reason in rejected:
             self._reject(reason, 1, topic)
         if rejected or cols.seqs.count(None) != len(cols.seqs):
-            cols = self._sequence(device_id, payload, cols, rejected)
+            cols = self._sequence(mark, payload, cols, rejected)
         if len(cols.ts):
-            self._add(device_id, sensor_type, self._clock() if received_at is None else received_at, cols)
+            self._add(mark, sensor_type, self._clock() if received_at is None else received_at, cols)
 
     def _reject(self, reason: str, n: int, topic: str) -> None:
         self.counters.rejected[reason] += n
         self._reject_log[reason] += n
         self._reject_example.setdefault(reason, topic)
 
-    def _sequence(self, device_id: str, payload: object, cols: Columns, rejected: list[tuple[int, str]]
-                  ) -> Columns:
-        committed = self._state.seq.get(device_id, 0)
-        start = self._next_seq.get(device_id, committed + 1)
+    def _sequence(self, mark: Mark, payload: object, cols: Columns, rejected: list[tuple[int, str]]) -> Columns:
+        committed = self._state.seq.get(mark, 0)
+        start = self._next_seq.get(mark, committed + 1)
         n = len(cols.seqs)
         keep: list[int] | None = None
         if not rejected and cols.seqs[0] == start and cols.seqs == list(range(start, start + n)):
             expected = start + n  # the usual event: the next readings in order, checked in one comparison
         else:
-            keep, expected = self._walk_seqs(device_id, payload, cols, rejected, committed, start)
+            keep, expected = self._walk_seqs(mark, payload, cols, rejected, committed, start)
         if expected != start:
-            self._next_seq[device_id] = expected
-            self._marks[device_id] = expected - 1
+            self._next_seq[mark] = expected
+            self._marks[mark] = expected - 1
             if self._open_since is None:
                 self._open_since = self._clock()
         if keep is None or len(keep) == len(cols.ts):
@@ -318,7 +345,7 @@ class IngestService:
         out.data_bytes = cols.data_bytes if any(d is not None for d in out.datas) else 0
         return out
 
-    def _walk_seqs(self, device_id: str, payload: object, cols: Columns, rejected: list[tuple[int, str]],
+    def _walk_seqs(self, mark: Mark, payload: object, cols: Columns, rejected: list[tuple[int, str]],
                    committed: int, expected: int) -> tuple[list[int], int]:
         """Reading by reading: the accepted readings to keep, and the next expected seq."""
         raw = payload if type(payload) is list else [payload]
@@ -340,14 +367,15 @@ class IngestService:
             elif seq < expected:
                 self.counters.duplicates += 1
                 if seq <= committed:
-                    self._reacks.add(device_id)
+                    self._reacks.add(mark)
             else:
                 self.counters.out_of_order += 1
-                self._reacks.add(device_id)  # repeat the last ack: the device learns it must go back
+                self._reacks.add(mark)  # repeat the last ack: the device learns it must go back
             accepted += 1
         return keep, expected
 
-    def _add(self, device_id: str, sensor_type: str, received_at: float, cols: Columns) -> None:
+    def _add(self, mark: Mark, sensor_type: str, received_at: float, cols: Columns) -> None:
+        device_id, epoch = mark
         bucket_s = self._bucket_s
         lo_bucket, hi_bucket = int(min(cols.ts) // bucket_s), int(max(cols.ts) // bucket_s)
         if lo_bucket == hi_bucket:
@@ -368,7 +396,7 @@ class IngestService:
             if batch is None:
                 batch = self._open[bucket] = OpenBatch(bucket, now)
             before = batch.nbytes
-            batch.add(device_id, sensor_type, received_at, part)
+            batch.add(device_id, sensor_type, received_at, part, epoch)
             self._open_count += len(part.ts)
             self._open_bytes += batch.nbytes - before
         if self._open_since is None:
@@ -399,7 +427,7 @@ class IngestService:
             log.warning("storage writer is behind (%d batches queued): shedding new readings until it catches up",
                         self._queue.qsize())
 
-    def tick(self) -> dict[str, int]:
+    def tick(self) -> dict[Mark, int]:
         """Periodic work: close aged batches, hand a held batch to the writer, write counters, log rejections.
 
         Returns acks to re-send: devices that sent duplicates of committed readings (they missed the ack) or

@@ -99,7 +99,7 @@ def _positional(procedure: str, names: tuple[str, ...], args: list[Any], kwargs:
 def _rows_of(groups: list[Group], f: Filters, lo: float, hi: float, rec_lo: float, covers: bool) -> list[Row]:
     """Rows of one batch within [lo, hi] by ts and received_at >= rec_lo, matching the filters."""
     out: list[Row] = []
-    for device_id, sensor_type, rec, ts, values, seqs, datas in groups:
+    for device_id, sensor_type, rec, ts, values, seqs, datas, *_ in groups:
         if not f.matches(device_id, sensor_type) or rec < rec_lo:
             continue
         n = len(ts)

@@ -38,6 +38,7 @@ DATA_NOT_OBJECT = "data_not_object"
 DATA_NOT_JSON = "data_not_json"
 DATA_TOO_LARGE = "data_too_large"
 EMPTY_EVENT = "empty_event"
+BAD_EPOCH = "bad_epoch"
 
 REASONS = {
     NOT_AN_OBJECT: "a reading must be an object (or the event a list of objects)",
@@ -57,6 +58,7 @@ REASONS = {
     DATA_NOT_JSON: "data must be plain JSON (string keys, finite numbers, no binary)",
     DATA_TOO_LARGE: f"data must be at most {DATA_MAX_BYTES} bytes encoded as JSON",
     EMPTY_EVENT: "an event must carry at least one reading",
+    BAD_EPOCH: "the event's epoch keyword, when present, must match ^[0-9a-z_]{1,64}$",
 }
 
 

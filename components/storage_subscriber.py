@@ -1,7 +1,8 @@
 """The storage subscriber: a thin WAMP adapter around :class:`components.ingest.IngestService`.
 
-It subscribes to ``iot.sensor.`` (prefix match), hands each event to the service, publishes
-``iot.ack.<device_id>`` after each commit, and on SIGTERM/SIGINT commits every open batch before exiting.
+It subscribes to ``iot.sensor.`` (prefix match), hands each event (with the ``epoch`` keyword argument
+devices send) to the service, publishes ``iot.ack.<device_id>`` as ``{"seq": N, "epoch": E}`` after each
+commit, and on SIGTERM/SIGINT commits every open batch before exiting.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from twisted.internet import defer, task, threads
 from components import uris
 from components.crypto import KeySource
 from components.errors import ConfigError, IotError, StorageUnavailable
-from components.ingest import IngestService
+from components.ingest import IngestService, Mark
 from components.settings import Settings
 from components.store import open_store
 from components.wamp import make_component, start_service, ticket_auth
@@ -27,6 +28,11 @@ log = txaio.make_logger()
 
 TICK_S = 0.05
 FLUSH_TIMEOUT_S = 30.0
+
+
+def ack_payload(seq: int, epoch: str | None) -> dict[str, Any]:
+    """What ``iot.ack.<device_id>`` carries: the highest committed seq, and the epoch it counts in."""
+    return {"seq": seq} if epoch is None else {"seq": seq, "epoch": epoch}
 
 
 class StorageAdapter:
@@ -57,19 +63,20 @@ class StorageAdapter:
     def _on_event(self, *args: Any, details: Any = None, **kwargs: Any) -> None:
         if self.stopping:
             return  # not acknowledged: devices that number their readings send them again
-        self.service.ingest(details.topic, args[0] if args else None)
+        self.service.ingest(details.topic, args[0] if args else None, epoch=kwargs.get("epoch"))
 
-    def acks_from_writer(self, acks: dict[str, int]) -> None:
+    def acks_from_writer(self, acks: dict[Mark, int]) -> None:
         """Called on the writer thread after a commit."""
         self.reactor.callFromThread(self.publish_acks, acks)
 
-    def publish_acks(self, acks: dict[str, int]) -> None:
-        """Tell each device how far its readings are stored (dropped when disconnected: a resend re-acks)."""
+    def publish_acks(self, acks: dict[Mark, int]) -> None:
+        """Tell each device how far its readings of an epoch are stored (dropped when disconnected: a resend
+        re-acks)."""
         session = self.session
         if session is None or not acks:
             return
-        for device_id, seq in acks.items():
-            session.publish(uris.ack_topic(device_id), {"seq": seq})
+        for (device_id, epoch), seq in acks.items():
+            session.publish(uris.ack_topic(device_id), ack_payload(seq, epoch))
 
     def tick(self) -> None:
         """Periodic service work; re-acknowledge duplicates of committed readings."""

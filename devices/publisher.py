@@ -3,9 +3,10 @@
 Readings go into the device's spool first (each gets the next ``seq``), then a go-back-N sender publishes
 them in seq order, at most ``window`` events waiting for the router's acknowledgement at once (so a fast
 producer never queues seconds of data in front of the WebSocket pings). Storage acknowledges on
-``iot.ack.<device_id>``; acknowledged readings leave the spool. After a reconnect, when storage repeats an
-ack (it saw a gap), or when no ack came for ``ack_timeout_s``, the sender goes back to the oldest
-unacknowledged reading and sends again from there.
+``iot.ack.<device_id>`` with the spool's epoch; acknowledged readings leave the spool, and an ack of another
+epoch (one meant for this device's readings before its spool was lost) releases nothing. After a reconnect,
+when storage repeats an ack (it saw a gap), or when no ack came for ``ack_timeout_s``, the sender goes back
+to the oldest unacknowledged reading and sends again from there.
 """
 
 from __future__ import annotations
@@ -119,8 +120,9 @@ class DevicePublisher:
                 return
             self._cursor += len(event)
             self._inflight += 1
+            epoch = {} if spool.epoch is None else {"epoch": spool.epoch}
             d = session.publish(uris.sensor_topic(self.device_id, sensor_type),
-                                event[0] if len(event) == 1 else event, options=_ACK_PUBLISH)
+                                event[0] if len(event) == 1 else event, options=_ACK_PUBLISH, **epoch)
             d.addCallbacks(self._published, self._publish_failed, callbackArgs=(len(event),))
 
     def _published(self, _: Any, n: int) -> None:
@@ -137,6 +139,8 @@ class DevicePublisher:
     def _on_ack(self, payload: Any = None, *args: Any, **kwargs: Any) -> None:
         if self.spool is None or not isinstance(payload, dict) or type(payload.get("seq")) is not int:
             return
+        if payload.get("epoch") != self.spool.epoch:
+            return  # storage acknowledges readings of another epoch of this device
         if self.spool.ack(payload["seq"]):
             self._last_progress = self._clock()
         elif (self.spool.pending and self._cursor > self.spool.pending[0][0]

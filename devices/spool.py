@@ -1,10 +1,15 @@
 """A device's spool: every reading gets the next ``seq`` and stays in a local file until storage acknowledges it.
 
-The file is an append-only log of msgpack frames: ``["r", seq, sensor_type, reading]`` for a reading,
-``["a", seq]`` for an acknowledgement, ``["c", {sensor_type: produced}]`` for how many readings of each
-sensor type the device has produced (written when the file is compacted). Replaying it after a crash or
-reboot gives back the unacknowledged readings, the next seq and the production counts, so a device resumes
-with no gap and no duplicate. A torn frame at the end (a crash mid-write) is cut off.
+The file is an append-only log of msgpack frames: ``["e", epoch]`` first, ``["r", seq, sensor_type, reading]``
+for a reading, ``["a", seq]`` for an acknowledgement, ``["c", {sensor_type: produced}]`` for how many readings
+of each sensor type the device has produced (written when the file is compacted). Replaying it after a crash
+or reboot gives back the epoch, the unacknowledged readings, the next seq and the production counts, so a
+device resumes with no gap and no duplicate. A torn frame at the end (a crash mid-write) is cut off.
+
+The epoch is a random id made when the file is created. A device sends it with its readings and storage
+keeps one sequence per device and epoch, so a device whose spool is lost (re-flashed, a new card) starts a
+new epoch at seq 1 and none of its new readings is taken for a duplicate of an old one. A spool written by
+an older version has no epoch frame; it keeps sending without one (``epoch`` is None).
 
 Writes go to the operating system at once (one ``write`` per event), so a killed process loses nothing;
 ``fsync`` runs at most every ``sync_interval_s`` so a power cut loses at most that much.
@@ -14,6 +19,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import secrets
 import time
 from collections import Counter, deque
 from collections.abc import Iterator
@@ -23,6 +29,12 @@ from typing import Any
 import msgpack
 
 COMPACT_MIN_RECORDS = 10_000
+EPOCH_BYTES = 8
+
+
+def new_epoch() -> str:
+    """A fresh spool epoch: 16 random lowercase hex digits (a valid id of the wire contract)."""
+    return secrets.token_hex(EPOCH_BYTES)
 
 
 class SpoolLocked(RuntimeError):
@@ -43,6 +55,7 @@ class Spool:
         self.last_seq = 0
         self.produced: Counter[str] = Counter()
         self.dropped = 0
+        self.epoch: str | None = None
         self._records_in_file = 0
         self._sync_interval = sync_interval_s
         self._last_sync = time.monotonic()
@@ -57,6 +70,10 @@ class Spool:
 
     def _replay(self) -> None:
         data = self.path.read_bytes()
+        if not data:  # a new spool: a new epoch
+            self.epoch = new_epoch()
+            self._write([["e", self.epoch]])
+            return
         unpacker = msgpack.Unpacker(raw=False, strict_map_key=False)
         unpacker.feed(data)
         good = 0
@@ -64,7 +81,9 @@ class Spool:
         try:
             for frame in unpacker:
                 kind = frame[0]
-                if kind == "r":
+                if kind == "e":
+                    self.epoch = frame[1]
+                elif kind == "r":
                     seq, sensor_type, reading = frame[1], frame[2], frame[3]
                     records[seq] = (seq, sensor_type, reading)
                     self.produced[sensor_type] += 1
@@ -125,7 +144,8 @@ class Spool:
     def _compact(self) -> None:
         """Rewrite the file with only what is still needed (atomic rename)."""
         tmp = self.path.with_suffix(".spool.tmp")
-        frames: list[Any] = [["c", dict(self._produced_before_pending())], ["a", self.acked]]
+        frames: list[Any] = [] if self.epoch is None else [["e", self.epoch]]
+        frames += [["c", dict(self._produced_before_pending())], ["a", self.acked]]
         frames += [["r", seq, t, r] for seq, t, r in self.pending]
         with open(tmp, "wb") as fh:
             fh.write(b"".join(msgpack.packb(f) for f in frames))

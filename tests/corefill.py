@@ -28,7 +28,7 @@ class Ingested:
     """An ingest service over a store, with what it acknowledged."""
 
     service: IngestService
-    acks: list[dict[str, int]] = field(default_factory=list)
+    acks: list[dict[tuple[str, str | None], int]] = field(default_factory=list)
 
     def events(self, events: Iterable[tuple[str, Any, float]]) -> Ingested:
         """Ingest (topic, payload, received_at) events."""

@@ -288,7 +288,8 @@ class Collector:
     def __init__(self) -> None:
         self.events: list[tuple[str, Any]] = []
 
-    def __call__(self, payload: Any, details: Any = None) -> None:
+    def __call__(self, payload: Any, details: Any = None, **kwargs: Any) -> None:
+        """One event; keyword arguments (a device's spool ``epoch``) are not collected."""
         self.events.append((details.topic if details is not None else "", payload))
 
     def subscribe(self, session: Session, prefix: str) -> defer.Deferred[Any]:

@@ -13,6 +13,7 @@ from pathlib import Path
 import psutil
 import pytest
 import pytest_twisted
+from autobahn.wamp.types import PublishOptions
 from twisted.internet import reactor, task, threads
 
 from components import uris
@@ -23,6 +24,7 @@ from components.settings import Settings
 from components.store_sqlite import SqliteBatchStore
 from devices.run import connect_devices
 from devices.simulator import SensorSeries
+from devices.spool import Spool
 from tests.harness import (
     ComponentProcess,
     RouterProcess,
@@ -129,6 +131,45 @@ def test_a_device_killed_and_restarted_resumes_with_no_gap_and_no_duplicate(rout
         storage.stop()
     readings = all_readings(s)
     assert_exactly_once(readings, ["2"], 300)
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_device_whose_spool_is_lost_stores_both_runs_once_and_late_resends_are_not_stored_twice(
+        router, router_settings, tmp_path):
+    s = derive_settings(router_settings, tmp_path, {"batching": {"max_age_s": 0.2}})
+    storage = yield start_storage(s)
+    spool_file = Path(s.device.spool_dir) / "1.spool"
+    try:
+        epochs = []
+        for run in ("before", "after"):
+            sim = simulator(s, f"device-1-{run}", ["1"], count=50, rate=200.0, batch=5).start()
+            code = yield threads.deferToThread(sim.wait, 120)  # exits once storage acknowledged everything
+            assert code == 0, sim.log()[-3000:]
+            spool = Spool(s.device.spool_dir, "1", 10)
+            epochs.append(spool.epoch)
+            spool.close()
+            spool_file.unlink()  # the device is re-flashed: its spool is gone, the next run starts at seq 1
+        assert None not in epochs and epochs[0] != epochs[1]
+        first_run = sorted((r for r in all_readings(s) if r[5] <= 5), key=lambda r: r[2])[:5]
+        # a late resend of the first epoch's seq 1..5 (a packet stuck somewhere): known, re-acknowledged
+        (device,) = connect_devices(s, ["1"], spooled=False)
+        acks: list[dict] = []
+        device.component.start(reactor)
+        yield device.connected()
+        yield device.session.subscribe(acks.append, uris.ack_topic("1"))
+        for r in first_run:
+            yield device.session.publish(uris.sensor_topic("1", r[1]), {"value": r[4], "ts": r[3], "seq": r[5]},
+                                         epoch=epochs[0], options=PublishOptions(acknowledge=True))
+        yield wait_until(lambda: {"seq": 100, "epoch": epochs[0]} in acks, 20, message="the re-ack of the old epoch")
+        yield device.component.stop()
+    finally:
+        storage.stop()
+    readings = all_readings(s)
+    assert len(readings) == 2 * 2 * 50  # both runs, once each
+    assert Counter(r[5] for r in readings) == {seq: 2 for seq in range(1, 101)}  # seq 1..100 in each epoch
+    for sensor_type in TYPES:
+        values = sorted(r[4] for r in readings if r[1] == sensor_type)
+        assert values == sorted(SensorSeries(SEED, "1", sensor_type).take(50) * 2)
 
 
 @pytest_twisted.inlineCallbacks
@@ -258,7 +299,7 @@ def test_acks_only_cover_committed_readings_across_devices(tmp_path) -> None:
     done = fill(store, new_ring(), [(uris.sensor_topic(d, "humidity"), [{"value": 1.0, "ts": 1.0, "seq": 1},
                                                                          {"value": 2.0, "ts": 2.0, "seq": 2}], 1.0)
                                     for d in ("a", "b")])
-    assert Counter(d for acks in done.acks for d in acks) == {"a": 1, "b": 1}
-    assert {d: s for acks in done.acks for d, s in acks.items()} == {"a": 2, "b": 2}
+    assert Counter(d for acks in done.acks for d, _ in acks) == {"a": 1, "b": 1}
+    assert {d: s for acks in done.acks for (d, _), s in acks.items()} == {"a": 2, "b": 2}
     store.close()
 

@@ -122,7 +122,7 @@ def test_when_the_writer_is_behind_readings_are_shed_counted_and_not_acknowledge
     # what was not shed is stored, in order, once; the device's seq stops at the first shed reading
     assert len(readings_stored) == 1000 - svc.stats()["shed"] - svc.stats()["out_of_order"]
     assert [r["seq"] for r in readings_stored] == list(range(1, len(readings_stored) + 1))
-    assert max(a["1"] for a in ing.acks) == len(readings_stored)
+    assert max(a[("1", None)] for a in ing.acks) == len(readings_stored)
 
 
 def test_duplicates_gaps_and_refused_readings_follow_the_seq_rules(store) -> None:
@@ -140,7 +140,7 @@ def test_duplicates_gaps_and_refused_readings_follow_the_seq_rules(store) -> Non
     stats = svc.stats()
     assert stats["duplicates"] == 2 and stats["out_of_order"] == 1
     assert stats["rejected"] == {rd.VALUE_NOT_NUMBER: 1}
-    assert ing.acks[-1] == {"7": 6}
+    assert ing.acks[-1] == {("7", None): 6}
 
 
 def test_a_device_must_start_its_seq_at_one(store) -> None:
@@ -157,10 +157,47 @@ def test_de_duplication_survives_a_restart_and_resent_duplicates_are_acknowledge
     fill(store, ring, [(t, [reading(1), reading(2)], 1.0)])
     again = ingest(store, ring)
     again.service.ingest(t, [reading(1), reading(2), reading(3)], 2.0)
-    assert again.service.tick() == {"7": 2}  # re-ack of what was committed before the restart
+    assert again.service.tick() == {("7", None): 2}  # re-ack of what was committed before the restart
     again.flush()
     assert [r["seq"] for r in stored(store, ring)] == [1, 2, 3]
-    assert again.acks[-1] == {"7": 3}
+    assert again.acks[-1] == {("7", None): 3}
+
+
+def test_a_device_that_lost_its_spool_starts_a_new_epoch_and_loses_nothing(store) -> None:
+    ring = new_ring()
+    t = uris.sensor_topic("7", H)
+    old = [{"value": float(i), "ts": 500.0 + i, "seq": i} for i in range(1, 101)]
+    fill(store, ring, [(t, old, 1.0)])  # a device without epoch (an older version), seq 1..100
+    again = ingest(store, ring)
+    new = [{"value": -float(i), "ts": 900.0 + i, "seq": i} for i in range(1, 11)]  # re-flashed: seq from 1
+    again.service.ingest(t, new, 2.0, epoch="e2")
+    assert again.service.tick() == {}  # not taken for duplicates of the old sequence
+    again.flush()
+    got = stored(store, ring)
+    assert len(got) == 110 and sorted(r["ts"] for r in got) == sorted(r["ts"] for r in old + new)
+    assert again.acks[-1] == {("7", "e2"): 10}  # the ack names the new epoch
+
+    third = ingest(store, ring)  # after a restart: both sequences are known
+    third.service.ingest(t, new[5:], 3.0, epoch="e2")  # late resends of each epoch: duplicates
+    third.service.ingest(t, old[90:], 3.0)
+    assert third.service.tick() == {("7", "e2"): 10, ("7", None): 100}
+    newer = [{"value": 1.5, "ts": 990.0 + i, "seq": i} for i in range(1, 4)]
+    third.service.ingest(t, newer, 3.0, epoch="e3")  # and a third spool
+    third.flush()
+    assert len(stored(store, ring)) == 113
+    assert third.service.stats()["duplicates"] == 15
+    assert third.acks[-1] == {("7", "e3"): 3}
+
+
+def test_an_event_with_a_malformed_epoch_is_refused_and_counted(store) -> None:
+    ring = new_ring()
+    ing = ingest(store, ring)
+    ing.service.ingest(uris.sensor_topic("7", H), [reading(1), reading(2)], 1.0, epoch="Not Valid!")
+    ing.service.ingest(uris.sensor_topic("7", H), [reading(1)], 1.0, epoch=["e"])
+    ing.service.ingest(uris.sensor_topic("8", H), [reading(1)], 1.0, epoch="ok")
+    ing.flush()
+    assert [r["device_id"] for r in stored(store, ring)] == ["8"]
+    assert ing.service.stats()["rejected"] == {rd.BAD_EPOCH: 3}
 
 
 def test_readings_without_seq_are_stored_as_they_come(store) -> None:

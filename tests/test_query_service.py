@@ -302,7 +302,7 @@ def test_batches_committed_after_the_last_state_record_are_not_stored_twice_afte
     # the device never saw an ack for 3 and 4: it sends them again, then 5
     again.service.ingest(t, [{"value": 3.0, "ts": 12.0, "seq": 3}, {"value": 4.0, "ts": 13.0, "seq": 4},
                              {"value": 5.0, "ts": 14.0, "seq": 5}], 2.0)
-    assert again.service.tick() == {"7": 4}  # the resent ones are known: acknowledged again at once
+    assert again.service.tick() == {("7", None): 4}  # the resent ones are known: acknowledged again at once
     again.flush()
     readings = service(any_store, ring).call(uris.FETCH_ALL, [], {})
     assert [r["seq"] for r in readings] == [1, 2, 3, 4, 5]

@@ -80,3 +80,30 @@ def test_two_processes_cannot_share_a_device_spool(tmp_path: Path) -> None:
     with pytest.raises(SpoolLocked, match="already running"):
         Spool(tmp_path, "7", max_pending=10)
     spool.close()
+
+
+def test_a_spool_gets_an_epoch_when_created_and_keeps_it_across_restarts_and_compaction(tmp_path: Path) -> None:
+    spool = Spool(tmp_path, "7", max_pending=10 * COMPACT_MIN_RECORDS)
+    epoch = spool.epoch
+    assert epoch is not None and len(epoch) == 16
+    spool.add("humidity", readings(COMPACT_MIN_RECORDS + 10))
+    spool.ack(spool.last_seq - 1)  # compacts the file
+    spool.close()
+    again = Spool(tmp_path, "7", max_pending=100)
+    assert again.epoch == epoch and [seq for seq, _, _ in again.pending] == [again.last_seq]
+    again.close()
+    (tmp_path / "7.spool").unlink()  # the device lost its spool (re-flashed)
+    fresh = Spool(tmp_path, "7", max_pending=100)
+    assert fresh.epoch not in (None, epoch)
+    assert fresh.add("humidity", readings(1))[0]["seq"] == 1
+    fresh.close()
+
+
+def test_a_spool_of_an_older_version_has_no_epoch_and_keeps_its_sequence(tmp_path: Path) -> None:
+    frames = [["r", 1, "humidity", {"value": 1.0, "ts": 1.0, "seq": 1}], ["a", 1],
+              ["r", 2, "humidity", {"value": 2.0, "ts": 2.0, "seq": 2}]]
+    (tmp_path / "7.spool").write_bytes(b"".join(msgpack.packb(f) for f in frames))
+    spool = Spool(tmp_path, "7", max_pending=100)
+    assert spool.epoch is None and [seq for seq, _, _ in spool.pending] == [2]
+    assert spool.add("humidity", readings(1))[0]["seq"] == 3
+    spool.close()

@@ -281,4 +281,4 @@ def test_the_ingest_service_cuts_batches_to_fit_the_store_and_loses_no_reading(a
     assert limit is None or all(len(b.body) <= limit for b in stored)
     readings = [t for b in stored for g in open_groups(ring, b) for t in g[3]]
     assert sorted(readings) == [base + i * 0.25 for i in range(120)]
-    assert acks and acks[-1]["dev_7"] == 120
+    assert acks and acks[-1][("dev_7", None)] == 120

@@ -1,0 +1,232 @@
+"""One process supervisor: start child processes, keep their output, restart the ones that die, stop them in order.
+
+Each child runs in a session of its own (so Ctrl-C reaches only the supervisor), gets SIGTERM if the supervisor
+itself dies, and writes its output into a pipe that a reader thread copies to the child's log file, to a
+bounded tail kept in memory (for reports) and, when asked, to this terminal with the child's name in front.
+
+Restart policy (as compose's ``restart: on-failure`` and Crossbar's worker restart policies): a child that
+exits with a non-zero code, or is killed, while the supervisor is not stopping is started again after a
+backoff that doubles with each quick failure (0.5 s, 1 s, 2 s, ... up to 10 s). A child that ran for a while
+before it died starts again at once. One that fails within seconds of its start several times in a row is
+given up: :meth:`Supervisor.poll` reports it with its last log lines, and the caller decides what then.
+A child that exits 0 is done and stays stopped.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+_PR_SET_PDEATHSIG = 1
+STOP_TIMEOUT_S = 20.0
+TAIL_LINES = 30
+BACKOFF_FIRST_S, BACKOFF_MAX_S = 0.5, 10.0
+QUICK_FAILURE_S = 10.0
+"""A child that dies within this many seconds of its start failed 'at once'."""
+MAX_QUICK_FAILURES = 5
+"""Quick failures in a row after which a child is given up."""
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: receive SIGTERM when the supervisor dies."""
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+@dataclass(frozen=True)
+class ServiceSpec:
+    """How to run one child: its command line, where its output goes, how to stop it, whether to restart it."""
+
+    name: str
+    argv: Sequence[str]
+    log_path: Path | None = None
+    stop_signal: int = signal.SIGTERM
+    echo: bool = False
+    """Copy its output lines to this process's stdout, prefixed with the name."""
+    restart: bool = True
+    cwd: Path | None = None
+    env: dict[str, str] | None = None
+    """Extra environment variables (on top of this process's)."""
+
+
+def describe_exit(code: int) -> str:
+    """'exit 3' or 'killed by SIGKILL' for a Popen return code."""
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit {code}"
+
+
+@dataclass
+class Child:
+    """One supervised child: the current process and its history."""
+
+    spec: ServiceSpec
+    proc: subprocess.Popen[bytes] | None = None
+    started_at: float = 0.0
+    restarts: int = 0
+    quick_failures: int = 0
+    restart_at: float | None = None
+    given_up: bool = False
+    tail: deque[str] = field(default_factory=lambda: deque(maxlen=TAIL_LINES))
+    _reader: threading.Thread | None = None
+
+    @property
+    def name(self) -> str:
+        """The service's name."""
+        return self.spec.name
+
+    @property
+    def running(self) -> bool:
+        """True while its process is alive."""
+        return self.proc is not None and self.proc.poll() is None
+
+    def start(self) -> None:
+        """Start (or start again) the process, its output going through a reader thread."""
+        spec = self.spec
+        # unbuffered: a Python child's output reaches the log line by line, not when a pipe buffer fills
+        env = dict(os.environ, PYTHONUNBUFFERED="1", **(spec.env or {}))
+        self.proc = subprocess.Popen(list(spec.argv), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL, start_new_session=True,
+                                     preexec_fn=_die_with_parent, cwd=spec.cwd, env=env)
+        self.started_at = time.monotonic()
+        self.restart_at = None
+        self._reader = threading.Thread(target=self._copy_output, args=(self.proc.stdout,),
+                                        name=f"output-{spec.name}", daemon=True)
+        self._reader.start()
+
+    def _copy_output(self, stream: IO[bytes] | None) -> None:
+        if stream is None:
+            return
+        log = open(self.spec.log_path, "ab") if self.spec.log_path else None
+        try:
+            for raw in iter(stream.readline, b""):
+                if log is not None:
+                    log.write(raw)
+                    log.flush()
+                line = raw.decode(errors="replace").rstrip("\n")
+                self.tail.append(line)
+                if self.spec.echo:
+                    sys.stdout.write(f"{self.spec.name:>8} | {line}\n")
+                    sys.stdout.flush()
+        finally:
+            stream.close()
+            if log is not None:
+                log.close()
+
+    def signal(self, signum: int) -> None:
+        """Send ``signum`` to the process, if it runs."""
+        if self.running:
+            assert self.proc is not None
+            self.proc.send_signal(signum)
+
+    def reap(self) -> None:
+        """After the process exited: kill what it left behind in its session, wait for its output to end."""
+        if self.proc is None:
+            return
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        if self._reader is not None:
+            self._reader.join(5.0)
+
+    def stop(self, timeout: float = STOP_TIMEOUT_S) -> int | None:
+        """Ask it to stop with its stop signal; SIGKILL after ``timeout``. Returns the exit code."""
+        self.restart_at = None
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(self.spec.stop_signal)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                print(f"  {self.name} did not stop in {timeout:.0f}s; killing it", flush=True)
+                self.proc.kill()
+                self.proc.wait()
+        self.reap()
+        return self.proc.returncode
+
+
+@dataclass(frozen=True)
+class Event:
+    """Something :meth:`Supervisor.poll` noticed: a child exited, was restarted, or was given up."""
+
+    kind: str
+    """'exited', 'restarted', 'done' (exited 0) or 'given_up'."""
+    child: Child
+    detail: str
+
+
+class Supervisor:
+    """Starts children, restarts those that die, stops them newest first."""
+
+    def __init__(self) -> None:
+        """An empty supervisor."""
+        self.children: list[Child] = []
+        self.stopping = False
+
+    def start(self, spec: ServiceSpec) -> Child:
+        """Start a child under supervision."""
+        child = Child(spec)
+        child.start()
+        self.children.append(child)
+        return child
+
+    def poll(self, now: float | None = None) -> list[Event]:
+        """Notice exits, schedule and perform restarts; return what happened (call it a few times a second)."""
+        now = time.monotonic() if now is None else now
+        events: list[Event] = []
+        for child in self.children:
+            proc = child.proc
+            if proc is None or child.given_up:
+                continue
+            if child.restart_at is not None:
+                if now >= child.restart_at and not self.stopping:
+                    child.restarts += 1
+                    child.start()
+                    events.append(Event("restarted", child, f"restart {child.restarts}"))
+                continue
+            code = proc.poll()
+            if code is None or self.stopping:
+                continue
+            child.reap()
+            events.append(self._after_exit(child, code, now))
+        return events
+
+    def _after_exit(self, child: Child, code: int, now: float) -> Event:
+        how = describe_exit(code)
+        if code == 0 or not child.spec.restart:
+            child.given_up = code != 0
+            return Event("done" if code == 0 else "given_up", child, how)
+        ran = now - child.started_at
+        child.quick_failures = child.quick_failures + 1 if ran < QUICK_FAILURE_S else 1
+        if child.quick_failures >= MAX_QUICK_FAILURES:
+            child.given_up = True
+            return Event("given_up", child, f"{how}, {child.quick_failures} times in a row within "
+                                            f"{QUICK_FAILURE_S:.0f}s of starting")
+        delay = min(BACKOFF_MAX_S, BACKOFF_FIRST_S * 2 ** (child.quick_failures - 1)) if ran < QUICK_FAILURE_S \
+            else 0.0
+        child.restart_at = now + delay
+        return Event("exited", child, f"{how} after {ran:.1f}s; restarting in {delay:.1f}s")
+
+    def stop(self) -> None:
+        """Stop every child, newest first, each with its stop signal (SIGKILL after a timeout)."""
+        self.stopping = True
+        for child in reversed(self.children):
+            code = child.stop()
+            if code is not None:
+                print(f"  stopped {child.name} ({describe_exit(code)})", flush=True)
