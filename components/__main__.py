@@ -127,7 +127,7 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _http(settings: Settings, store: CredentialStore, args: argparse.Namespace) -> int:
-    from components.httpsign import post
+    from components.httpsign import BridgeUnreachable, post
 
     try:
         if args.command == "http-call":
@@ -137,8 +137,13 @@ def _http(settings: Settings, store: CredentialStore, args: argparse.Namespace) 
             path, payload = "publish", {"topic": args.topic, "args": [json.loads(args.reading)]}
     except json.JSONDecodeError as err:
         raise ConfigError(f"arguments must be JSON: {err}") from None
-    signing = store.bridge_secret() if settings.router.http_bridge == "signed" else None
-    status, answer = post(f"{routercfg.http_base(settings)}/{path}", payload, signing)
+    signing = store.existing_bridge_secret() if settings.router.http_bridge == "signed" else None
+    try:
+        status, answer = post(f"{routercfg.bridge_base(settings)}/{path}", payload, signing)
+    except BridgeUnreachable as err:
+        print(f"error: {err}; check that the router runs and that router.url (IOT_ROUTER_URL) names it",
+              file=sys.stderr)
+        return 1
     print(json.dumps(answer, indent=2))
     return 0 if status == 200 and not (isinstance(answer, dict) and "error" in answer) else 1
 

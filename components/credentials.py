@@ -159,6 +159,14 @@ class CredentialStore:
             write_private(self.bridge_file, json.dumps(data, indent=2))
         return {"key": data["key"], "secret": data["secret"]}
 
+    def existing_bridge_secret(self) -> dict[str, str]:
+        """Key and secret of the HTTP bridge for a client, which must find them (the router creates them)."""
+        data = self._load(self.bridge_file)
+        if not data:
+            raise ConfigError(f"the HTTP bridge is signed, but {self.bridge_file} is missing: copy it from the "
+                              "router's secrets folder (paths.secrets_dir)")
+        return {"key": data["key"], "secret": data["secret"]}
+
     # -- changing
     def add_principal(self, authid: str, role: str) -> str:
         """Create (or replace) a ticket principal; return its new ticket."""

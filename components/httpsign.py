@@ -20,6 +20,10 @@ from typing import Any
 _SEQ = 0
 
 
+class BridgeUnreachable(Exception):
+    """Nothing answered at the bridge's URL (refused, unknown host, timeout)."""
+
+
 def sign(key: str, secret: str, body: bytes) -> dict[str, str]:
     """The query parameters that sign ``body`` with the bridge's key and secret."""
     global _SEQ
@@ -47,6 +51,9 @@ def post(url: str, payload: dict[str, Any], signing: dict[str, str] | None = Non
             status, text = response.status, response.read().decode()
     except urllib.error.HTTPError as err:
         status, text = err.code, err.read().decode()
+    except (urllib.error.URLError, OSError) as err:
+        reason = getattr(err, "reason", err)
+        raise BridgeUnreachable(f"no answer from the HTTP bridge at {url.split('?')[0]} ({reason})") from None
     try:
         return status, json.loads(text) if text else None
     except json.JSONDecodeError:

@@ -12,6 +12,7 @@ import copy
 import json
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from components.credentials import CredentialStore, write_private
 from components.settings import Settings
@@ -69,9 +70,19 @@ def write_node_dir(settings: Settings, config: dict[str, Any] | None = None) -> 
 
 
 def http_base(settings: Settings) -> str:
-    """Base URL of the router's web transport, as a local client reaches it."""
+    """Base URL of the router's web transport as seen from the router's own host (the launcher's banner)."""
     host = settings.router.listen_host
     if host in ("0.0.0.0", "::", ""):  # noqa: S104 - a bind address, turned into a client address here
         host = "127.0.0.1"
     scheme = "https" if settings.router.tls_cert else "http"
     return f"{scheme}://{host}:{settings.router.listen_port}"
+
+
+def bridge_base(settings: Settings) -> str:
+    """Base URL of the HTTP bridge for a client: the host and port of ``router.url``, ws(s) turned into http(s).
+
+    A client finds the bridge where it finds the WebSocket: in a compose stack that is ``ws://router:8080/ws``,
+    from the host the published port.
+    """
+    url = urlsplit(settings.router.url)
+    return f"{'https' if url.scheme == 'wss' else 'http'}://{url.netloc}"

@@ -6,7 +6,9 @@ import subprocess
 import sys
 
 from components.launcher import crossbar_executable
-from tests.harness import REPO
+from components.routercfg import bridge_base
+from components.settings import load_settings
+from tests.harness import REPO, free_port, write_config
 
 
 def run(*argv: str) -> subprocess.CompletedProcess[str]:
@@ -50,3 +52,27 @@ def test_importing_crossbar_prints_no_numpy_abi_warning() -> None:
     # crossbar pulls bjdata, whose binary extension must be built against the installed NumPy
     result = run("-c", "import bjdata, autobahn.wamp.serializer")
     assert result.returncode == 0 and result.stderr == "", result.stderr
+
+
+def test_http_call_finds_the_bridge_at_router_url_and_says_in_one_line_when_nothing_answers(tmp_path) -> None:
+    port = free_port()  # nothing listens there
+    config = write_config(tmp_path, port)
+    result = run("-m", "components", "--config", str(config), "http-call", "iot.get_stats")
+    assert result.returncode == 1 and result.stdout == ""
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr, result.stderr
+    assert f"no answer from the HTTP bridge at http://127.0.0.1:{port}/call" in result.stderr
+    assert "IOT_ROUTER_URL" in result.stderr
+
+
+def test_http_call_on_a_signed_bridge_without_its_secret_names_the_missing_file(tmp_path) -> None:
+    config = write_config(tmp_path, free_port(), {"router": {"http_bridge": "signed"}})
+    result = run("-m", "components", "--config", str(config), "http-call", "iot.get_stats")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert f"{tmp_path / 'secrets' / 'http_bridge.json'} is missing" in result.stderr
+    assert not (tmp_path / "secrets").exists()  # a client never makes up a secret the router does not know
+
+
+def test_the_bridge_base_is_the_host_of_router_url_not_the_listen_address() -> None:
+    settings = load_settings(REPO / "config.json", {"IOT_ROUTER_URL": "wss://router:8443/ws",
+                                                    "IOT_ROUTER_LISTEN_HOST": "0.0.0.0"})
+    assert bridge_base(settings) == "https://router:8443"
