@@ -1,18 +1,28 @@
-# syntax=docker/dockerfile:1
 # One image for every role of the sensor hub: router (Crossbar), storage, query, the device simulator and the
 # one-shot secrets job. docker-compose.yml picks the role with the command; the command lines are the ones
 # `make run` starts outside containers.
 #
 # Two stages: the build stage has a C compiler (bjdata is rebuilt from source, see below) and the runtime
 # stage only receives the finished virtual environment, so the image carries no compiler.
+#
+# Needs BuildKit (docker buildx, or DOCKER_BUILDKIT=1 with an engine's built-in builder): the steps that
+# download from PyPI take an optional build secret `ca`, a CA bundle to trust for TLS (a proxy that re-signs
+# HTTPS), e.g.  docker build --secret id=ca,src=/etc/ssl/certs/ca-certificates.crt .
+# A secret is mounted for one step only and is never part of a layer.
+#
+# PYTHON_IMAGE: any Debian-based image with Python 3.11, its venv module and apt (python:3.11-slim, or a
+# bookworm with Debian's python3 and python3-venv).
 
 ARG PYTHON_IMAGE=python:3.11-slim
 
 # ---------------------------------------------------------------------------------------------------------
 FROM ${PYTHON_IMAGE} AS build
 
+# Debian's own python3 keeps its C headers in python3-dev; python:3.11-slim has them already.
 RUN apt-get update \
  && apt-get install -y --no-install-recommends build-essential \
+ && if [ ! -f "$(python3 -c 'import sysconfig; print(sysconfig.get_paths()["include"])')/Python.h" ]; then \
+      apt-get install -y --no-install-recommends python3-dev; fi \
  && rm -rf /var/lib/apt/lists/*
 
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
@@ -25,7 +35,9 @@ RUN python -m venv /opt/venv
 # `make run` uses; the project itself is installed in the runtime stage, after the source is copied.
 WORKDIR /build
 COPY pyproject.toml constraints.txt ./
-RUN pip install "setuptools>=70" wheel \
+RUN --mount=type=secret,id=ca \
+    if [ -s /run/secrets/ca ]; then export PIP_CERT=/run/secrets/ca; fi \
+ && pip install "setuptools>=70" wheel \
  && python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" \
       > requirements.txt \
  && pip install -c constraints.txt -r requirements.txt
@@ -33,7 +45,9 @@ RUN pip install "setuptools>=70" wheel \
 # Same cure as the Makefile: crossbar pulls bjdata as an sdist that builds against NumPy 1 in an isolated build
 # environment and then fails its ABI check under NumPy 2 at every start. Rebuilt here against the installed
 # NumPy; the build fails if importing it still prints anything.
-RUN pip install --no-binary bjdata --no-build-isolation --no-deps --force-reinstall \
+RUN --mount=type=secret,id=ca \
+    if [ -s /run/secrets/ca ]; then export PIP_CERT=/run/secrets/ca; fi \
+ && pip install --no-binary bjdata --no-build-isolation --no-deps --force-reinstall \
       "bjdata==$(python -c 'import importlib.metadata as m; print(m.version("bjdata"))')" \
  && out="$(python -c 'import bjdata' 2>&1)" \
  && if [ -n "$out" ]; then echo "bjdata still broken: $out" >&2; exit 1; fi

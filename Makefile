@@ -8,7 +8,7 @@ TOOLS := .cache/tools
 DYNAMO_STAMP := $(TOOLS)/.dynamodb-local
 CHROMIUM ?= /usr/bin/chromium
 
-.PHONY: install run test test-deps lint bench bench-quick clean dynamodb-local
+.PHONY: install run test test-deps lint bench bench-quick clean dynamodb-local compose-test
 
 install: $(STAMP)
 
@@ -46,6 +46,13 @@ lint: install
 
 test: test-deps lint
 	$(PY) -m pytest
+	@$(MAKE) --no-print-directory compose-test
+
+# The compose stacks for real (tests/test_compose_up.py) on a Docker engine: the running one, else a dockerd
+# started for the run and stopped after it (installing docker.io when missing). Images are built locally and
+# kept in the engine as the cache of the next run. Where no engine can be started it says why and passes.
+compose-test: install $(DYNAMO_STAMP)
+	@docker/compose-test.sh
 
 bench: install
 	@$(PY) -m bench

@@ -259,6 +259,14 @@ def test_the_http_bridge_of_the_stack_takes_signed_requests_because_host_request
         assert options["key"] and options["secret"]
 
 
+def test_every_service_of_the_image_knows_that_the_http_bridge_is_signed(
+        resolved: dict[str, dict[str, Any]]) -> None:
+    # so `docker compose exec query python -m components http-call ...` signs its requests as the router requires
+    for variant, model in resolved.items():
+        for name, service in app_services(model).items():
+            assert settings_of(service).router.http_bridge == "signed", f"{variant}/{name}"
+
+
 def test_the_health_checks_probe_the_router_port(resolved: dict[str, dict[str, Any]],
                                                  rendered_router: dict[str, Any]) -> None:
     port = rendered_router["workers"][0]["transports"][0]["endpoint"]["port"]
@@ -414,7 +422,33 @@ def test_env_example_documents_every_variable_the_compose_files_read_and_holds_n
     assert ".env" in (REPO / ".gitignore").read_text().split()
 
 
+def test_the_images_are_the_public_ones_unless_a_variable_names_others(
+        compose_home: Path, resolved: dict[str, dict[str, Any]]) -> None:
+    base = re.search(r"^ARG PYTHON_IMAGE=(\S+)$", DOCKERFILE.read_text(), flags=re.MULTILINE)
+    assert base and base.group(1) == "python:3.11-slim"
+    for variant, model in resolved.items():
+        for name, service in app_services(model).items():
+            assert service["build"]["args"] == {"PYTHON_IMAGE": base.group(1)}, f"{variant}/{name}"
+    assert services(resolved["dynamodb"])["dynamodb"]["image"] == "amazon/dynamodb-local:2.6.1"
+    other = compose_home / "images.env"
+    other.write_text(f"{ENV_EXAMPLE.read_text()}\nPYTHON_IMAGE=mirror/python:3.11\nDYNAMODB_IMAGE=mirror/ddb:2\n")
+    model = resolve(compose_home, env_file=other)["dynamodb"]
+    assert services(model)["dynamodb"]["image"] == "mirror/ddb:2"
+    assert {s["build"]["args"]["PYTHON_IMAGE"] for s in app_services(model).values()} == {"mirror/python:3.11"}
+
+
 # -- the image -----------------------------------------------------------------------------------------------
+
+def test_the_steps_that_download_from_pypi_trust_an_extra_ca_only_through_a_build_secret() -> None:
+    rows = instructions()
+    runtime = next(i for i, (word, args) in enumerate(rows) if word == "FROM" and args.endswith("AS runtime"))
+    downloads = [args for word, args in rows[:runtime] if word == "RUN" and "pip install" in args]
+    assert len(downloads) == 2, downloads  # the dependencies, and bjdata's sdist
+    for args in downloads:
+        assert args.startswith("--mount=type=secret,id=ca ") and "PIP_CERT=/run/secrets/ca" in args, args
+    copied = " ".join(args for word, args in rows if word in ("COPY", "ADD"))
+    assert not re.search(r"\.(crt|pem)\b|certificates", copied), "a CA bundle would stay in a layer"
+
 
 def test_the_image_runs_as_a_non_root_user() -> None:
     users = [args for word, args in instructions() if word == "USER"]
