@@ -74,9 +74,9 @@ COPY --from=build /opt/venv /opt/venv
 WORKDIR /app
 COPY . /app
 
-# Editable, as `make run` installs it: components.routercfg finds router/config.json and router/web next to
+# Editable, as `make run` installs it: components.ops.router_config finds router/config.json and router/web next to
 # the components package, so the package must be imported from /app and not from a copy in site-packages.
-# The Crossbar worker (which loads components.router_auth) finds it through the editable finder as well.
+# The Crossbar worker (which loads components.wamp.router_auth) finds it through the editable finder as well.
 RUN pip install --no-deps --no-build-isolation -c constraints.txt -e . \
  && python -m compileall -q components devices \
  && mkdir -p var/secrets var/run var/db var/spool \

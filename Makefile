@@ -48,7 +48,7 @@ test: test-deps lint
 	$(PY) -m pytest
 	@$(MAKE) --no-print-directory compose-test
 
-# The compose stacks for real (tests/test_compose_up.py) on a Docker engine: the running one, else a dockerd
+# The compose stacks for real (tests/integration/test_compose_up.py) on a Docker engine: the running one, else a dockerd
 # started for the run and stopped after it (installing docker.io when missing). Images are built locally and
 # kept in the engine as the cache of the next run. Where no engine can be started it says why and passes.
 compose-test: install $(DYNAMO_STAMP)

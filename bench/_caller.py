@@ -18,9 +18,9 @@ from typing import Any
 import txaio
 from twisted.internet import defer
 
-from components.credentials import CredentialStore
-from components.settings import load_settings
-from components.wamp import make_component, ticket_auth
+from components.core.settings import load_settings
+from components.ops.credentials import CredentialStore
+from components.wamp.connection import make_component, ticket_auth
 
 
 @defer.inlineCallbacks

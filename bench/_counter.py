@@ -19,10 +19,10 @@ import txaio
 from autobahn.wamp.types import SubscribeOptions
 from twisted.internet import defer, task
 
-from components import uris
-from components.credentials import CredentialStore
-from components.settings import load_settings
-from components.wamp import make_component, ticket_auth
+from components.core.settings import load_settings
+from components.ops.credentials import CredentialStore
+from components.wamp import uris
+from components.wamp.connection import make_component, ticket_auth
 
 SAMPLE_S = 0.1
 

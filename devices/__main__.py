@@ -12,10 +12,9 @@ from typing import Any
 import txaio
 from twisted.internet import defer, task
 
-from components.errors import ConfigError
-from components.settings import Settings, load_settings
-from devices.run import SimulationPlan, connect_devices, simulate
-from devices.simulator import device_ids
+from components.core.errors import ConfigError
+from components.core.settings import Settings, load_settings, simulated_ids
+from devices.fleet import SimulationPlan, connect_devices, simulate
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -59,7 +58,7 @@ def _plan(settings: Settings, args: argparse.Namespace) -> SimulationPlan:
     else:
         count = args.devices if args.devices is not None else sim.devices
         first = args.first_device if args.first_device is not None else sim.first_device
-        ids = device_ids(count, first)
+        ids = simulated_ids(count, first)
     types = args.sensor_types.split(",") if args.sensor_types else list(sim.sensor_types)
     rate = args.rate if args.rate is not None else sim.rate
     if rate <= 0:

@@ -20,7 +20,7 @@ from autobahn.twisted.component import Component
 from autobahn.wamp.types import PublishOptions
 from twisted.internet import defer, task
 
-from components import uris
+from components.wamp import uris
 from devices.spool import Spool
 
 log = txaio.make_logger()

@@ -17,11 +17,6 @@ CLASSIC_END = 1530662400.0  # 2018-07-04T00:00:00Z
 VALUE_MIN, VALUE_MAX = 0.0, 100.0
 
 
-def device_ids(count: int, first: int = 0) -> list[str]:
-    """Ids of ``count`` simulated devices starting at ``first`` (as strings: "0", "1", ...)."""
-    return [str(i) for i in range(first, first + count)]
-
-
 class SensorSeries:
     """Values of one (device, sensor type): a bounded random walk, reproducible from the seed."""
 

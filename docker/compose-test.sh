@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # make compose-test: the compose stacks for real. Gets a Docker engine (docker/engine.sh), builds the images,
-# then runs tests/test_compose_up.py against the SQLite stack and the DynamoDB stack in turn.
+# then runs tests/integration/test_compose_up.py against the SQLite stack and the DynamoDB stack in turn.
 #
 # Without an image registry: the project image is built on a debootstrapped bookworm (docker/base-image.sh) and
 # DynamoDB Local on Debian's Java from the npm package (docker/dynamodb-local/). The images stay in the engine
@@ -69,4 +69,4 @@ build "sensorhub:$TAG" sensorhub ${proxy_args[@]+"${proxy_args[@]}"} ${secret_ar
     --build-arg PYTHON_IMAGE="$BASE_IMAGE" .
 
 SENSORHUB_TAG=$TAG DYNAMODB_IMAGE=$DYNAMODB_IMAGE \
-    "$PY" -m pytest -m containers -q tests/test_compose_up.py
+    "$PY" -m pytest -m containers -q tests/integration/test_compose_up.py

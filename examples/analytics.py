@@ -23,11 +23,11 @@ import txaio
 from autobahn.wamp.types import CallOptions
 from twisted.internet import defer, task
 
-from components import uris
-from components.credentials import CredentialStore
-from components.errors import ConfigError
-from components.settings import Settings, load_settings
-from components.wamp import make_component, ticket_auth
+from components.core.errors import ConfigError
+from components.core.settings import Settings, load_settings
+from components.ops.credentials import CredentialStore
+from components.wamp import uris
+from components.wamp.connection import make_component, ticket_auth
 
 
 def _parser() -> argparse.ArgumentParser:

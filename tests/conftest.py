@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from components.settings import Settings
-from tests.harness import RouterProcess, stack_settings
+from components.core.settings import Settings
+from tests.support.harness import RouterProcess, stack_settings
 
-pytest_plugins = ["tests.store_fixtures"]
+pytest_plugins = ["tests.support.store_fixtures"]
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,196 @@
+"""Keys and sealing: AES-256-GCM with a fresh random 96-bit nonce per record.
+
+A sealed body is ``nonce (12) || ciphertext || tag (16)``. The associated data binds the record's clear
+index fields, so a body moved to another row, or an edited index field, fails to open. Key ids are
+derived from the key material (HMAC), so the same key has the same id whatever its source, and an id
+reveals nothing of its key.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import logging
+import os
+import secrets
+import tempfile
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from Crypto.Cipher import AES
+from Crypto.Protocol.KDF import scrypt
+
+from components.core.errors import ConfigError, DecryptionFailed
+from components.core.files import write_private
+from components.core.settings import KeySettings
+
+log = logging.getLogger(__name__)
+
+KEY_BYTES = 32
+NONCE_BYTES = 12
+TAG_BYTES = 16
+SCRYPT_N, SCRYPT_R, SCRYPT_P = 2**15, 8, 1
+
+
+def key_id(key: bytes) -> str:
+    """A short, stable, non-revealing id of ``key``."""
+    return hmac.new(key, b"sensorhub key id", hashlib.sha256).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class KeyRing:
+    """Keys by id; new records are sealed with the active one, old ones open with theirs."""
+
+    active_id: str
+    keys: Mapping[str, bytes]
+
+    @classmethod
+    def of(cls, keys: list[bytes]) -> KeyRing:
+        """A ring of ``keys``, the first one active."""
+        if not keys:
+            raise ConfigError("no storage key configured")
+        for key in keys:
+            if len(key) != KEY_BYTES:
+                raise ConfigError(f"a storage key must be {KEY_BYTES} bytes, got {len(key)}")
+        return cls(key_id(keys[0]), {key_id(k): k for k in keys})
+
+    def seal(self, plaintext: bytes, associated: bytes) -> tuple[str, bytes]:
+        """Encrypt with the active key; return (key id, body)."""
+        nonce = secrets.token_bytes(NONCE_BYTES)
+        cipher = AES.new(self.keys[self.active_id], AES.MODE_GCM, nonce=nonce)
+        cipher.update(associated)
+        ciphertext, tag = cipher.encrypt_and_digest(plaintext)
+        return self.active_id, nonce + ciphertext + tag
+
+    def open(self, kid: str, body: bytes, associated: bytes, what: str) -> bytes:
+        """Decrypt and verify; DecryptionFailed names ``what`` when the key is missing or the check fails."""
+        key = self.keys.get(kid)
+        if key is None:
+            raise DecryptionFailed(f"{what} is sealed with key {kid}, which is not among the configured keys "
+                                   f"({', '.join(sorted(self.keys))}): configure that key or restore the key file")
+        if len(body) < NONCE_BYTES + TAG_BYTES:
+            raise DecryptionFailed(f"{what} is truncated ({len(body)} bytes)")
+        cipher = AES.new(key, AES.MODE_GCM, nonce=body[:NONCE_BYTES])
+        cipher.update(associated)
+        try:
+            return cipher.decrypt_and_verify(body[NONCE_BYTES:-TAG_BYTES], body[-TAG_BYTES:])
+        except ValueError:
+            raise DecryptionFailed(f"{what} failed its integrity check under key {kid}: the record or one of its "
+                                   f"index fields was changed, or it was moved from another row") from None
+
+
+def _create_exclusive(path: Path, content: bytes) -> bool:
+    """Create ``path`` with ``content``, owner-only, unless it exists (race-free); True if created."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        os.fchmod(fd, 0o600)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(content)
+            fh.flush()
+            os.fsync(fh.fileno())
+        try:
+            os.link(tmp, path)
+            return True
+        except FileExistsError:
+            return False
+    finally:
+        os.unlink(tmp)
+
+
+class KeyFile:
+    """The key file: ``{"active": id, "keys": {id: base64}}``, created on first use with one fresh key."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        """Use the key file at ``path``."""
+        self.path = Path(path)
+
+    def load(self) -> KeyRing:
+        """Read the ring (creating the file with a new key on first use)."""
+        if not self.path.exists():
+            key = secrets.token_bytes(KEY_BYTES)
+            doc = {"active": key_id(key), "keys": {key_id(key): base64.b64encode(key).decode()}}
+            if _create_exclusive(self.path, json.dumps(doc, indent=2).encode()):
+                log.info("created storage key file %s (key %s)", self.path, key_id(key))
+        mode = self.path.stat().st_mode & 0o777
+        if mode & 0o077:
+            raise ConfigError(f"key file {self.path} is readable by others (mode {mode:o}); chmod 600 it")
+        try:
+            doc = json.loads(self.path.read_text(encoding="utf-8"))
+            keys = {kid: base64.b64decode(k, validate=True) for kid, k in doc["keys"].items()}
+            active = doc["active"]
+        except (ValueError, KeyError, TypeError) as err:
+            raise ConfigError(f"key file {self.path}: not a valid key file ({err})") from None
+        if active not in keys:
+            raise ConfigError(f"key file {self.path}: active key {active} is not among its keys")
+        for kid, key in keys.items():
+            if key_id(key) != kid:
+                raise ConfigError(f"key file {self.path}: key {kid} does not match its id")
+        return KeyRing(active, keys)
+
+    def save(self, ring: KeyRing) -> None:
+        """Replace the file's content with ``ring`` (atomic, owner-only)."""
+        doc = {"active": ring.active_id, "keys": {k: base64.b64encode(v).decode() for k, v in ring.keys.items()}}
+        write_private(self.path, json.dumps(doc, indent=2))
+
+    def mtime(self) -> float:
+        """Modification time, to notice a rekey."""
+        try:
+            return self.path.stat().st_mtime
+        except FileNotFoundError:
+            return 0.0
+
+
+def load_keyring(keys: KeySettings, environ: Mapping[str, str]) -> KeyRing:
+    """The key ring the settings point at (file, ``IOT_KEYS`` or ``IOT_KEY_PASSPHRASE``)."""
+    if keys.source == "file":
+        return KeyFile(keys.file).load()
+    if keys.source == "env":
+        raw = environ.get("IOT_KEYS", "")
+        if not raw.strip():
+            raise ConfigError("keys.source is env but IOT_KEYS is not set: expected comma-separated base64 keys "
+                              "of 32 bytes, the active one first")
+        try:
+            return KeyRing.of([base64.b64decode(part.strip(), validate=True) for part in raw.split(",")
+                               if part.strip()])
+        except ValueError:
+            raise ConfigError("IOT_KEYS: expected comma-separated base64 keys of 32 bytes") from None
+    passphrase = environ.get("IOT_KEY_PASSPHRASE", "")
+    if not passphrase:
+        raise ConfigError("keys.source is passphrase but IOT_KEY_PASSPHRASE is not set")
+    salt_path = Path(keys.salt_file)
+    if not salt_path.exists():
+        _create_exclusive(salt_path, secrets.token_bytes(16))
+    salt = salt_path.read_bytes()
+    key = scrypt(passphrase, salt, KEY_BYTES, N=SCRYPT_N, r=SCRYPT_R, p=SCRYPT_P)  # type: ignore[arg-type]
+    return KeyRing.of([bytes(key)])  # type: ignore[arg-type]
+
+
+class KeySource:
+    """The current key ring; a key file is re-read when it changes (so a rekey reaches running services)."""
+
+    RECHECK_S = 1.0
+
+    def __init__(self, keys: KeySettings, environ: Mapping[str, str]) -> None:
+        """Load the ring now (errors surface at start-up)."""
+        self._settings = keys
+        self._environ = environ
+        self._file = KeyFile(keys.file) if keys.source == "file" else None
+        self._ring = load_keyring(keys, environ)
+        self._mtime = self._file.mtime() if self._file else 0.0
+        self._checked = time.monotonic()
+
+    def __call__(self) -> KeyRing:
+        """The ring to seal and open with now."""
+        if self._file is not None and time.monotonic() - self._checked >= self.RECHECK_S:
+            self._checked = time.monotonic()
+            mtime = self._file.mtime()
+            if mtime != self._mtime:
+                self._ring = self._file.load()
+                self._mtime = mtime
+                log.info("storage key file changed: active key is now %s", self._ring.active_id)
+        return self._ring

@@ -1,0 +1,165 @@
+"""``make run``: the whole local stack under one supervisor, restarted when a service dies, stopped on Ctrl-C.
+
+The router starts first (its log in ``run_dir/logs/router.log``); once it listens, storage, query and the
+simulated devices start, their output shown here with their names in front (and kept in ``run_dir/logs``).
+A service that dies is started again after a backoff and the restart is logged; the delivery guarantees
+mean nothing is lost meanwhile (devices keep their readings until storage acknowledges them). A service that
+fails again at once, several times in a row, is reported with its last log lines and the stack stops.
+Ctrl-C stops every service in reverse order (devices, query, storage, router), so storage commits its open
+batches before the router goes away.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import sys
+import time
+from pathlib import Path
+
+from components.core.settings import Settings
+from components.ops import dynamodb_local, router_config
+from components.ops.credentials import CredentialStore
+from components.ops.supervisor import Event, ServiceSpec, Supervisor
+
+SERVICES: tuple[str, ...] = ("storage", "query")
+"""Service components started between the router and the devices (``python -m components <name>``)."""
+ROUTER_START_TIMEOUT_S = 90.0
+POLL_S = 0.2
+
+
+def crossbar_executable() -> str:
+    """The crossbar command installed next to this Python."""
+    return str(Path(sys.executable).with_name("crossbar"))
+
+
+def crossbar_argv(node_dir: Path, loglevel: str = "info") -> list[str]:
+    """Command line that starts the router from a rendered node directory."""
+    return [crossbar_executable(), "start", "--cbdir", str(node_dir), "--config", "config.json",
+            "--loglevel", loglevel, "--color", "false"]
+
+
+def wait_for_port(host: str, port: int, deadline: float, alive: object | None = None) -> None:
+    """Block until ``host:port`` accepts connections; raise TimeoutError at the deadline.
+
+    ``alive`` is a process (anything with ``poll()``) that must not exit meanwhile.
+    """
+    while time.monotonic() < deadline:
+        if alive is not None and alive.poll() is not None:  # type: ignore[attr-defined]
+            raise RuntimeError(f"process exited with code {alive.returncode} "  # type: ignore[attr-defined]
+                               f"before listening on {port}")
+        try:
+            with socket.create_connection((host, port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.1)
+    raise TimeoutError(f"nothing listened on {host}:{port} in time")
+
+
+def _python(module: str, settings: Settings, *args: str) -> list[str]:
+    return [sys.executable, "-m", module, "--config", settings.config_path, *args]
+
+
+def _local_dynamodb(settings: Settings, supervisor: Supervisor, logs: Path) -> None:
+    """With the DynamoDB backend on a loopback endpoint nobody serves yet, start DynamoDB Local there."""
+    port = dynamodb_local.loopback_port(settings.storage.dynamodb_endpoint_url)
+    if settings.storage.backend != "dynamodb" or port is None:
+        return
+    # DynamoDB Local takes any credentials, boto3 insists on some
+    os.environ.setdefault("AWS_ACCESS_KEY_ID", "local")
+    os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "local")
+    try:
+        wait_for_port("127.0.0.1", port, time.monotonic() + 0.5)
+        print(f"using the DynamoDB already listening on 127.0.0.1:{port}", flush=True)
+        return
+    except TimeoutError:
+        pass
+    jar = dynamodb_local.find_jar()
+    if jar is None:
+        raise RuntimeError("the DynamoDB backend needs DynamoDB Local on this machine: run "
+                           "'make dynamodb-local' (it needs Java), or point storage.dynamodb_endpoint_url elsewhere")
+    data = Path(settings.paths.run_dir).parent / "dynamodb"
+    data.mkdir(parents=True, exist_ok=True)
+    print(f"starting DynamoDB Local on 127.0.0.1:{port} (data in {data}) ...", flush=True)
+    child = supervisor.start(ServiceSpec("dynamodb", dynamodb_local.command(jar, port, data), logs / "dynamodb.log",
+                                         cwd=jar.parent))
+    wait_for_port("127.0.0.1", port, time.monotonic() + 60, child.proc)
+
+
+def _report(event: Event) -> bool:
+    """Print what the supervisor noticed; True when the stack must stop (a service was given up)."""
+    name = event.child.name
+    if event.kind == "exited":
+        print(f"{name} {event.detail}", flush=True)
+    elif event.kind == "restarted":
+        print(f"restarted {name} ({event.detail})", flush=True)
+    elif event.kind == "done":
+        print(f"{name} finished ({event.detail})", flush=True)
+    else:
+        lines = "\n".join(f"    {line}" for line in event.child.tail) or "    (it printed nothing)"
+        log = f" (log: {event.child.spec.log_path})" if event.child.spec.log_path else ""
+        print(f"error: {name} keeps failing ({event.detail}); not restarting it. Its last lines{log}:\n{lines}",
+              file=sys.stderr, flush=True)
+        return True
+    return False
+
+
+def run_stack(settings: Settings, with_devices: bool = True) -> int:
+    """Start router, storage, query and simulated devices; supervise them until Ctrl-C; stop everything."""
+    sim_ids = settings.simulator.device_ids()
+    for item in CredentialStore(settings.paths.secrets_dir).ensure_local(sim_ids):
+        print(f"{item} in {settings.paths.secrets_dir}", flush=True)
+    node_dir = router_config.write_node_dir(settings)
+    logs = Path(settings.paths.run_dir) / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+
+    stopping = False
+
+    def on_signal(signum: int, frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+
+    supervisor = Supervisor()
+    code = 0
+    try:
+        _local_dynamodb(settings, supervisor, logs)
+        # Crossbar exits 0 on SIGINT (1 on SIGTERM).
+        router = supervisor.start(ServiceSpec("router", crossbar_argv(node_dir), logs / "router.log",
+                                              signal.SIGINT))
+        print(f"starting router on {settings.router.listen_host}:{settings.router.listen_port} "
+              f"(log: {logs / 'router.log'}) ...", flush=True)
+        host = "127.0.0.1" if settings.router.listen_host in ("0.0.0.0", "::") else settings.router.listen_host  # noqa: S104
+        wait_for_port(host, settings.router.listen_port,
+                      time.monotonic() + ROUTER_START_TIMEOUT_S, router.proc)
+        names = [*SERVICES, "devices"] if with_devices else list(SERVICES)
+        for name in names:
+            module, command = ("devices", "simulate") if name == "devices" else ("components", name)
+            supervisor.start(ServiceSpec(name, _python(module, settings, command), logs / f"{name}.log", echo=True))
+        _banner(settings)
+        while not stopping:
+            if any(_report(event) for event in supervisor.poll()):
+                code = 1
+                break
+            time.sleep(POLL_S)  # the supervisor's own pace: a few looks a second at its children
+    except (TimeoutError, RuntimeError) as err:
+        print(f"error: {err} (see {logs / 'router.log'})", file=sys.stderr, flush=True)
+        code = 1
+    finally:
+        print("stopping ...", flush=True)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        supervisor.stop()
+    return code
+
+
+def _banner(settings: Settings) -> None:
+    ticket = CredentialStore(settings.paths.secrets_dir).ticket("dashboard")
+    base = router_config.http_base(settings)
+    print("\n" + "=" * 72, flush=True)
+    print(f"  Dashboard:  {base}/#ticket={ticket}", flush=True)
+    print(f"  WebSocket:  {settings.router.url}   HTTP bridge: {base}/call  {base}/publish", flush=True)
+    print("  Press Ctrl-C to stop.", flush=True)
+    print("=" * 72 + "\n", flush=True)

@@ -1,0 +1,96 @@
+"""MemoryBatchStore: the reference backend, plain dicts and lists in one process.
+
+It holds what the interface promises and nothing more, in the most direct way (a window query is a scan),
+so the contract suite checks the real backends against something obviously right, and core tests can run
+without a file. Nothing survives the process.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator, Sequence
+from typing import Literal
+
+from components.storage.interface import AUDIT, BATCH, Kind, SealedBatch, SealedState
+
+
+class MemoryBatchStore:
+    """Implements :class:`components.storage.interface.BatchStore` in memory (thread-safe)."""
+
+    max_body_bytes: int | None = None
+
+    def __init__(self) -> None:
+        """An empty store."""
+        self._records: dict[Kind, dict[str, SealedBatch]] = {BATCH: {}, AUDIT: {}}
+        self._states: dict[str, SealedState] = {}
+        self._lock = threading.Lock()
+
+    def commit(self, batches: Sequence[SealedBatch], state: SealedState | None) -> int:
+        """Store batches and replace the state record, at once."""
+        written = 0
+        with self._lock:
+            for b in batches:
+                if b.uid not in self._records[BATCH]:
+                    self._records[BATCH][b.uid] = b
+                    written += len(b.body)
+            if state is not None:
+                self._states[state.name] = state
+                written += len(state.body)
+        return written
+
+    def append_audit(self, chunk: SealedBatch) -> None:
+        """Store a sealed chunk of audit entries."""
+        with self._lock:
+            self._records[AUDIT].setdefault(chunk.uid, chunk)
+
+    def _all(self, kind: Kind) -> list[SealedBatch]:
+        with self._lock:
+            return list(self._records[kind].values())
+
+    def batches_by_ts(self, start: float, end: float, kind: Kind = BATCH) -> list[SealedBatch]:
+        """Records whose [lo, hi] overlaps [start, end], ordered by lo."""
+        return sorted((b for b in self._all(kind) if b.lo <= end and b.hi >= start), key=lambda b: b.lo)
+
+    def batches_by_received(self, start: float, end: float) -> list[SealedBatch]:
+        """Batches whose [rec_lo, rec_hi] overlaps [start, end], ordered by lo."""
+        return sorted((b for b in self._all(BATCH) if b.rec_lo <= end and b.rec_hi >= start), key=lambda b: b.lo)
+
+    def batches_by_hi_desc(self, below: float | None = None) -> Iterator[SealedBatch]:
+        """Batches in descending order of hi (only those with hi < below when given)."""
+        batches = [b for b in self._all(BATCH) if below is None or b.hi < below]
+        yield from sorted(batches, key=lambda b: b.hi, reverse=True)
+
+    def max_ts(self) -> float | None:
+        """The greatest hi of all batches."""
+        return max((b.hi for b in self._all(BATCH)), default=None)
+
+    def states(self, prefix: str) -> list[SealedState]:
+        """State records whose name starts with ``prefix``."""
+        with self._lock:
+            return [s for name, s in self._states.items() if name.startswith(prefix)]
+
+    def records(self) -> Iterator[tuple[Kind | Literal["state"], SealedBatch | SealedState]]:
+        """Every record, for re-sealing."""
+        for kind in (BATCH, AUDIT):
+            for b in self._all(kind):
+                yield kind, b
+        for state in self.states(""):
+            yield "state", state
+
+    def replace(self, kind: Kind | Literal["state"], old: SealedBatch | SealedState,
+                new: SealedBatch | SealedState) -> bool:
+        """Compare-and-swap one record's key and body."""
+        with self._lock:
+            if isinstance(old, SealedState):
+                if self._states.get(old.name) != old:
+                    return False
+                self._states[old.name] = new  # type: ignore[assignment]
+                return True
+            table = self._records[kind]  # type: ignore[index]
+            if table.get(old.uid) != old:
+                return False
+            table[old.uid] = new  # type: ignore[assignment]
+            return True
+
+    def close(self) -> None:
+        """Nothing to release."""

@@ -1,0 +1,1 @@
+"""Real routers, real component processes, real stores, from the outside."""

@@ -1,0 +1,1 @@
+"""What tests share: the harness (routers, processes, sessions), store fixtures, core fills."""

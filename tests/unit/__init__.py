@@ -1,0 +1,1 @@
+"""Tests of single modules and the static checks: no router, no network."""
