@@ -2,7 +2,7 @@
 
 The machine line comes first, then each benchmark's result lines as they are measured, then a ``memory``
 line (peak RSS of storage and of the query callees over the benchmarks that ran); the summary tables and
-the DESIGN.md section 9 targets go to stderr at the end. A benchmark that fails prints a line with its
+the performance targets go to stderr at the end. A benchmark that fails prints a line with its
 error and the others still run; the exit status is then 1.
 """
 
@@ -16,18 +16,8 @@ from types import ModuleType
 from typing import Any
 
 from bench import cost, dynamo, http_bridge, ingest, query
-from bench.common import (
-    RESULTS,
-    Interrupted,
-    add_options,
-    emit,
-    install_signal_handlers,
-    machine_line,
-    note,
-    options_from,
-    table,
-    target,
-)
+from bench.entry import Interrupted, add_options, install_signal_handlers, machine_line, options_from
+from bench.results import RESULTS, emit, note, table, target
 
 BENCHES: dict[str, ModuleType] = {"ingest": ingest, "query": query, "cost": cost, "http": http_bridge,
                                   "dynamo": dynamo}
@@ -98,7 +88,7 @@ def target_table(rows: Sequence[dict[str, Any]]) -> str:
               "yes" if r["meets_target"] else "no"] for r in rows]
     header = ["bench", "case", "measured", "target", "met"]
     widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(header)]
-    out = ["== DESIGN.md section 9 targets", "  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True))]
+    out = ["== performance targets", "  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True))]
     out += ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in cells]
     return "\n".join(out) + "\n"
 

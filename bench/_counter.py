@@ -22,7 +22,7 @@ from twisted.internet import defer, task
 from components.core.settings import load_settings
 from components.ops.credentials import CredentialStore
 from components.wamp import uris
-from components.wamp.connection import make_component, ticket_auth
+from components.wamp.connection import announce_ready, make_component, ticket_auth
 
 SAMPLE_S = 0.1
 
@@ -55,6 +55,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         yield session.subscribe(on_event, uris.SENSOR_PREFIX,
                                 options=SubscribeOptions(match="prefix", details_arg="details"))
         print("counter subscribed", flush=True)
+        announce_ready("counter")
 
     def sample() -> None:
         samples.append((time.time(), counts[0], counts[1]))

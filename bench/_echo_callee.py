@@ -20,7 +20,7 @@ from twisted.internet import defer
 
 from components.core.settings import load_settings
 from components.ops.credentials import CredentialStore
-from components.wamp.connection import make_component, ticket_auth
+from components.wamp.connection import announce_ready, make_component, ticket_auth
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -51,6 +51,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         yield session.register(handle, args.procedure,
                                options=RegisterOptions(invoke="roundrobin", details_arg="details"))
         print("echo callee registered", flush=True)
+        announce_ready("echo")
 
     def on_stop() -> None:
         print(f"echo callee answered {calls[0]} calls", flush=True)

@@ -6,9 +6,9 @@ Readings carry a per-device ``seq``; when storage repeats an ack (it dropped rea
 while shedding) the device goes back and sends again from there. The payloads are generated before the
 run: only the ``seq`` fields are set at publish time, so the process does little but publish.
 
-Protocol with the benchmark: prints ``ready`` once every device is connected, waits for a line on stdin,
-publishes for ``--duration`` seconds, waits for its last acknowledgements, writes ``--report`` (JSON) and
-exits.
+Protocol with the benchmark: prints its ready line (``{"ready": "publisher", ...}``) once every device is
+connected, waits for a line on stdin, publishes for ``--duration`` seconds, waits for its last
+acknowledgements, writes ``--report`` (JSON) and exits.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from twisted.internet import defer
 from components.core.settings import load_settings
 from components.ops.credentials import CredentialStore
 from components.wamp import uris
-from components.wamp.connection import device_auth, make_component
+from components.wamp.connection import announce_ready, device_auth, make_component
 
 ACK = PublishOptions(acknowledge=True)
 POOL = 64
@@ -220,7 +220,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     @defer.inlineCallbacks
     def ready() -> Any:
         yield defer.DeferredList([loop.joined for loop in loops])
-        print("ready", flush=True)
+        announce_ready("publisher")
         threading.Thread(target=wait_for_go, name="go", daemon=True).start()
 
     def connect_timeout() -> None:

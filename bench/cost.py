@@ -19,28 +19,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from bench.common import (
-    MemorySampler,
-    Options,
-    Procs,
-    Settings,
-    emit,
-    free_port,
-    latency_figures,
-    note,
-    provision,
-    ratio,
-    run_caller,
-    run_main,
-    start_component,
-    start_router,
-    target,
-    workspace,
-    write_settings,
-)
+from bench.entry import Options, run_main
 from bench.fill import FillReport, fill, synthetic_events
 from bench.query import window_cases
+from bench.results import emit, latency_figures, note, ratio, target
+from bench.stack import Procs, provision, run_caller, start_component, start_router, workspace, write_settings
+from bench.usage import MemorySampler
 from components.core.sealing import KeyFile
+from components.core.settings import Settings
+from components.ops.waiting import free_port
 from components.storage.sqlite import SqliteBatchStore
 
 SMALL = 100_000

@@ -19,6 +19,7 @@ from components.core.sealing import KeyRing
 from components.core.settings import BatchingSettings, StorageSettings
 from components.storage.interface import BatchStore
 from components.wamp import uris
+from components.wamp.subscriber import deliver
 from devices.simulator import classic_dataset
 
 BASE_TS = 1_699_920_000.0
@@ -102,7 +103,7 @@ def fill(store: BatchStore, ring: KeyRing, events: Iterable[Event], storage: Sto
                     raise TimeoutError(f"filling the store took more than {timeout:.0f}s")
                 time.sleep(0.001)
                 service.tick()
-            service.ingest(topic, payload, received_at)
+            deliver(service, topic, payload, received_at)
     finally:
         committed = service.flush(120.0)
     seconds = time.monotonic() - started

@@ -29,35 +29,30 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.common import (
-    Child,
-    MemorySampler,
-    Options,
+from bench.entry import Options, run_main
+from bench.fill import classic_events, fill
+from bench.results import emit, latency_figures, note, ratio, target
+from bench.stack import (
+    COMPONENT_START_S,
     Procs,
-    Settings,
-    cpu_seconds,
-    emit,
-    free_port,
-    latency_figures,
-    machine_busy_seconds,
-    note,
     provision,
     python_module,
-    ratio,
     read_json,
-    run_main,
     start_component,
     start_router,
-    target,
     workspace,
     write_settings,
 )
-from bench.fill import classic_events, fill
+from bench.usage import MemorySampler, cpu_seconds, machine_busy_seconds
 from components.core.query import QueryService
 from components.core.sealing import KeyFile
+from components.core.settings import Settings
 from components.ops import router_config
+from components.ops.supervisor import Child
+from components.ops.waiting import free_port
 from components.storage.sqlite import SqliteBatchStore
 from components.wamp import uris
+from components.wamp.callee import answer
 from devices.simulator import CLASSIC_END, CLASSIC_START
 
 DEVICE = "1"
@@ -166,7 +161,7 @@ class Client:
         drops0 = listen_drops()
         child = self.procs.start(tag, argv)
         try:
-            code = child.proc.wait(RUN_TIMEOUT_S)
+            code = child.wait(RUN_TIMEOUT_S)
         except subprocess.TimeoutExpired:
             raise TimeoutError(f"{tag} did not finish within {RUN_TIMEOUT_S:.0f}s") from None
         finally:
@@ -206,8 +201,8 @@ def _expected_answer(settings: Settings, body: dict[str, Any]) -> list[dict[str,
     store = SqliteBatchStore(settings.storage.sqlite_path)
     try:
         service = QueryService(settings.query, store, lambda: KeyFile(settings.keys.file).load())
-        answer: list[dict[str, Any]] = service.call(body["procedure"], body["args"], body["kwargs"])
-        return answer
+        result: list[dict[str, Any]] = answer(service, body["procedure"], body["args"], body["kwargs"])
+        return result
     finally:
         store.close()
 
@@ -267,8 +262,8 @@ def _load_case(procs: Procs, mem: MemorySampler, settings: Settings, router: Chi
         else:
             callee = procs.start(f"echo{tag}{i}", python_module(
                 "bench._echo_callee", "--config", settings.config_path, "--procedure", uris.FETCH_BETWEEN_WINDOW,
-                "--answer", str(answer_path)))
-            callee.wait_for_log("echo callee registered")
+                "--answer", str(answer_path)), announces="echo")
+            callee.wait_ready(COMPONENT_START_S)
         trace = mem.watch(f"{mode}{i}", callee.pid)
         _check_bridge(url, body_path.read_bytes(), len(answer))
         note(f"http ({how}): {mode} run {i + 1}/{len(order)}: {WARMUP} warm-up, then {total:,} requests or "

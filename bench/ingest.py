@@ -13,7 +13,7 @@ bounds, pro-rated to the window), read from the SQLite file once storage has com
 CPU seconds per process tree (router, storage or counter, publishers) are taken over that window with
 psutil; storage's resident memory is sampled all along.
 
-A last case, ``overload msgpack x100``, measures DESIGN.md section 9's "storage process memory under
+A last case, ``overload msgpack x100``, measures the target "storage process memory under
 sustained overload: <= 256 MB and flat": storage is configured so that its writer cannot keep up (see
 :func:`run_overload`), publishers send as fast as the router acknowledges, and storage's RSS is compared
 between the first and the second half of the overload window.
@@ -30,33 +30,28 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.common import (
-    Child,
-    MemorySampler,
-    Options,
+from bench.entry import Options, run_main
+from bench.results import emit, note, ratio, target
+from bench.stack import (
+    COMPONENT_START_S,
     Procs,
-    Settings,
-    cpu_seconds,
-    emit,
     expect_alive,
-    free_port,
-    machine_busy_seconds,
-    note,
     provision,
     python_module,
-    ratio,
     read_json,
-    run_main,
     sleep_until,
     start_component,
     start_router,
-    target,
     workspace,
     write_settings,
 )
+from bench.usage import MemorySampler, cpu_seconds, machine_busy_seconds
 from components.core.batches import open_state
 from components.core.ingest import STATE_PREFIX
 from components.core.sealing import KeyFile
+from components.core.settings import Settings
+from components.ops.supervisor import Child
+from components.ops.waiting import free_port
 from components.storage.sqlite import SqliteBatchStore
 
 CASES: tuple[tuple[str, int], ...] = (("msgpack", 1), ("msgpack", 100), ("json", 1), ("json", 100))
@@ -66,9 +61,9 @@ WINDOW = 16
 """Publishes awaiting acknowledgement per device (``device.window``'s default)."""
 
 TARGET_RATIO = 0.8
-"""DESIGN.md section 9: readings stored per second at least 0.8 of the router-only ceiling, every case."""
+"""Target: readings stored per second at least 0.8 of the router-only ceiling, every case."""
 TARGET_STORED_CASE, TARGET_STORED_PER_S = ("msgpack", 100), 100_000.0
-"""DESIGN.md section 9: at least 100,000 readings stored per second with 100-reading msgpack events."""
+"""Target: at least 100,000 readings stored per second with 100-reading msgpack events."""
 
 COLUMNS = {"ingest": ["stored_per_s", "ceiling_per_s", "ratio", "meets_target", "stored_per_s_meets_target",
                       "cpu_s_router", "cpu_s_storage", "cpu_s_publishers",
@@ -165,7 +160,7 @@ def _start_publishers(procs: Procs, settings: Settings, root: Path, tag: str, se
         child = procs.start(f"{tag}-pub{p}", python_module(
             "bench._publisher", "--config", settings.config_path, "--devices", devices, "--serializer", serializer,
             "--batch", str(batch), "--window", str(WINDOW), "--duration", str(duration), "--report", str(report)),
-            stdin=True)
+            stdin=True, announces="publisher")
         pubs.append((child, report))
     return pubs
 
@@ -181,15 +176,15 @@ def _run(procs: Procs, mem: MemorySampler, root: Path, port: int, router: Child,
         sub = start_component(procs, settings, "storage", name=f"{tag}-storage")
     else:
         sub = procs.start(f"{tag}-counter", python_module("bench._counter", "--config", settings.config_path,
-                                                          "--report", str(counter_report)))
-        sub.wait_for_log("counter subscribed")
+                                                          "--report", str(counter_report)), announces="counter")
+        sub.wait_ready(COMPONENT_START_S)
     trace = mem.watch(mode, sub.pid)
     for child, _ in pubs:
-        child.wait_for_log("ready")
+        child.wait_ready(COMPONENT_START_S)
     alive = expect_alive(router, sub)
     t_go = time.time()
     for child, _ in pubs:
-        assert child.proc.stdin is not None
+        assert child.proc is not None and child.proc.stdin is not None
         child.proc.stdin.write(b"go\n")
         child.proc.stdin.flush()
     t0, t1 = t_go + t.warmup, t_go + t.duration - t.tail
@@ -204,7 +199,7 @@ def _run(procs: Procs, mem: MemorySampler, root: Path, port: int, router: Child,
     published = resends = 0
     for child, report in pubs:
         try:
-            child.proc.wait(t.tail + 40.0)
+            child.wait(t.tail + 40.0)
         except subprocess.TimeoutExpired:
             note(f"{child.name} did not finish in time; stopping it")
         procs.stop(child)

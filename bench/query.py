@@ -15,33 +15,20 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from bench.common import (
-    MemorySampler,
-    Options,
-    Procs,
-    emit,
-    free_port,
-    latency_figures,
-    note,
-    provision,
-    ratio,
-    run_caller,
-    run_main,
-    start_component,
-    start_router,
-    target,
-    workspace,
-    write_settings,
-)
+from bench.entry import Options, run_main
 from bench.fill import fill, plain_query_ms, plain_table, synthetic_events, synthetic_rows, window_of
+from bench.results import emit, latency_figures, note, ratio, target
+from bench.stack import Procs, provision, run_caller, start_component, start_router, workspace, write_settings
+from bench.usage import MemorySampler
 from components.core.sealing import KeyFile
+from components.ops.waiting import free_port
 from components.storage.sqlite import SqliteBatchStore
 from components.wamp import uris
 
 STORE_READINGS = 100_000
 SIZES = (10, 1_000, 10_000)
 TARGET_SIZE, TARGET_RATIO = 10_000, 5.0
-"""DESIGN.md section 9: a 10,000-reading window over WAMP at most 5 times SQLite reading the plain rows."""
+"""Target: a 10,000-reading window over WAMP at most 5 times SQLite reading the plain rows."""
 COLUMNS = {"query": ["rows", "calls", "p50_ms", "p99_ms", "baseline_p50_ms", "baseline_p99_ms", "ratio",
                      "ratio_p99", "target", "meets_target", "query_rss_peak_mb"]}
 

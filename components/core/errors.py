@@ -1,6 +1,4 @@
-"""The project's exceptions; the WAMP adapters map the ones with a ``uri`` to WAMP errors."""
-
-from components.wamp import uris
+"""The project's exceptions; the WAMP adapters map the :class:`IotError` ones to WAMP errors."""
 
 
 class ConfigError(Exception):
@@ -8,30 +6,20 @@ class ConfigError(Exception):
 
 
 class IotError(Exception):
-    """An error a caller of a query procedure gets, as the WAMP error ``uri``."""
-
-    uri = ""
+    """An error a caller of a query procedure gets (as a WAMP error, mapped by the adapter)."""
 
 
 class InvalidArgument(IotError):
     """A query argument has the wrong type or value."""
 
-    uri = uris.ERROR_INVALID_ARGUMENT
-
 
 class TooManyResults(IotError):
     """An answer is larger than the configured maximum and the caller did not ask for progressive results."""
-
-    uri = uris.ERROR_TOO_MANY_RESULTS
 
 
 class StorageUnavailable(IotError):
     """The storage backend cannot be reached or is not set up."""
 
-    uri = uris.ERROR_STORAGE_UNAVAILABLE
-
 
 class DecryptionFailed(IotError):
     """A sealed record does not open: wrong or missing key, or the record was tampered with."""
-
-    uri = uris.ERROR_DECRYPTION_FAILED

@@ -36,7 +36,6 @@ from components.core.readings import Columns
 from components.core.sealing import KeyRing
 from components.core.settings import BatchingSettings, StorageSettings
 from components.storage.interface import BatchStore
-from components.wamp.uris import parse_sensor_topic
 
 log = logging.getLogger(__name__)
 
@@ -288,17 +287,16 @@ class IngestService:
         return self.lost_on_shutdown == 0
 
     # ---- caller thread
-    def ingest(self, topic: str, payload: object, received_at: float | None = None, epoch: object = None) -> None:
-        """Take one event published on ``topic`` (with the spool ``epoch`` of its seqs, if the device sent one).
+    def ingest(self, device_id: str, sensor_type: str, payload: object, received_at: float | None = None,
+               epoch: object = None) -> None:
+        """Take one event of ``device_id``'s ``sensor_type`` readings (with the spool ``epoch`` of its seqs, if the
+        device sent one).
 
         Never raises on bad input: it is counted instead."""
-        parsed = parse_sensor_topic(topic)
         n_total = max(1, len(payload)) if type(payload) is list else 1  # an empty event counts as one refusal
-        if parsed is None or not rd.valid_id(parsed[0]) or not rd.valid_id(parsed[1]):
-            self.counters.received += n_total
-            self._reject(rd.BAD_TOPIC, n_total, topic)
+        if not rd.valid_id(device_id) or not rd.valid_id(sensor_type):
+            self.refuse_source(payload, f"{device_id}.{sensor_type}")
             return
-        device_id, sensor_type = parsed
         if self._shards > 1 and shard_of(device_id, self._shards) != self._shard:
             return
         self.counters.received += n_total
@@ -308,21 +306,27 @@ class IngestService:
             self._reject_log[SHED] += n_total
             return
         if epoch is not None and not rd.valid_id(epoch):
-            self._reject(rd.BAD_EPOCH, n_total, topic)
+            self._reject(rd.BAD_EPOCH, n_total, f"{device_id}.{sensor_type}")
             return
         mark: Mark = (device_id, epoch)  # type: ignore[assignment]  # checked just above
         cols, rejected = rd.validate_event(device_id, sensor_type, payload)
         for _, reason in rejected:
-            self._reject(reason, 1, topic)
+            self._reject(reason, 1, f"{device_id}.{sensor_type}")
         if rejected or cols.seqs.count(None) != len(cols.seqs):
             cols = self._sequence(mark, payload, cols, rejected)
         if len(cols.ts):
             self._add(mark, sensor_type, self._clock() if received_at is None else received_at, cols)
 
-    def _reject(self, reason: str, n: int, topic: str) -> None:
+    def refuse_source(self, payload: object, source: str) -> None:
+        """Count an event whose source (``source``: where it was published) names no valid device and sensor type."""
+        n_total = max(1, len(payload)) if type(payload) is list else 1
+        self.counters.received += n_total
+        self._reject(rd.BAD_TOPIC, n_total, source)
+
+    def _reject(self, reason: str, n: int, source: str) -> None:
         self.counters.rejected[reason] += n
         self._reject_log[reason] += n
-        self._reject_example.setdefault(reason, topic)
+        self._reject_example.setdefault(reason, source)
 
     def _sequence(self, mark: Mark, payload: object, cols: Columns, rejected: list[tuple[int, str]]) -> Columns:
         committed = self._state.seq.get(mark, 0)

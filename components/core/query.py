@@ -1,9 +1,10 @@
 """The query service: validates arguments, finds the batches that can hold the answer, opens, filters, orders.
 
-Plain Python (no WAMP): :meth:`QueryService.call` takes a procedure URI with its positional and keyword
-arguments and returns the answer, or, for fetch procedures with progressive results, an iterator of
-chunks. Batches are found through the store's interval index, so a query's cost follows the size of its
-answer; opened batches are kept decrypted in a bounded LRU cache.
+Plain Python (no WAMP): one method per query procedure, with typed arguments; fetches with ``progressive``
+return an iterator of reading chunks. Argument values are checked here (:class:`InvalidArgument` names the
+argument); the WAMP adapter decodes positional and keyword arguments into them. Batches are found through
+the store's interval index, so a query's cost follows the size of its answer; opened batches are kept
+decrypted in a bounded LRU cache.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NotRequired, TypedDict, cast
 
 from components.core.batches import Group, open_groups, open_state
 from components.core.errors import InvalidArgument, TooManyResults
@@ -23,13 +24,74 @@ from components.core.ingest import STATE_PREFIX
 from components.core.readings import reading_dict, valid_id
 from components.core.sealing import KeyRing
 from components.core.settings import QuerySettings
-from components.storage.interface import AUDIT, BatchStore, SealedBatch
-from components.wamp import uris
+from components.storage.interface import BatchStore, SealedBatch
 
 INF = float("inf")
-FETCH_FILTERS = frozenset({"device_id", "sensor_type", "limit"})
-Row = tuple[float, Any, Any, Any, float, str, str]
+Row = tuple[float, float, int | None, dict[str, Any] | None, float, str, str]
 """(ts, value, seq, data, received_at, device_id, sensor_type): sorts by ts."""
+
+
+class Reading(TypedDict):
+    """A stored reading as the fetch procedures return it."""
+
+    device_id: str
+    sensor_type: str
+    value: float
+    ts: float
+    seq: NotRequired[int]
+    data: NotRequired[dict[str, Any]]
+    received_at: float
+
+
+Fetched = list[Reading] | Iterator[list[Reading]]
+"""A fetch's answer: every reading, or (with ``progressive``) chunks of them."""
+
+
+class Device(TypedDict):
+    """One device as ``list_devices`` describes it."""
+
+    device_id: str
+    sensor_types: list[str]
+    count: int
+    first_ts: float
+    last_ts: float
+    last_received_at: float
+
+
+class Bucket(TypedDict):
+    """One time bucket of one device and sensor type, as ``aggregate`` returns it."""
+
+    bucket_start: float
+    device_id: str
+    sensor_type: str
+    count: int
+    min: float
+    max: float
+    mean: float
+
+
+class ShardStats(TypedDict):
+    """One storage instance in ``get_stats``."""
+
+    name: str
+    written_at: float | None
+    stored: int
+    queue_depth: int
+
+
+class Stats(TypedDict):
+    """Storage counters summed over every storage instance."""
+
+    received: int
+    stored: int
+    duplicates: int
+    out_of_order: int
+    shed: int
+    batches: int
+    bytes: int
+    queue_depth: int
+    rejected: dict[str, int]
+    shards: list[ShardStats]
 
 
 @dataclass(frozen=True)
@@ -48,7 +110,8 @@ class Filters:
 
 # ---- argument checks (every message names the argument)
 
-def _number(name: str, value: Any) -> float:
+def number_arg(name: str, value: object) -> float:
+    """``value`` as a finite number of seconds."""
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise InvalidArgument(f"{name} must be a number (epoch seconds), got {type(value).__name__} {value!r}")
     if isinstance(value, float) and not math.isfinite(value):
@@ -56,7 +119,8 @@ def _number(name: str, value: Any) -> float:
     return float(value)
 
 
-def _count(name: str, value: Any) -> int:
+def count_arg(name: str, value: object) -> int:
+    """``value`` as a non-negative integer."""
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise InvalidArgument(f"{name} must be a non-negative integer, got {type(value).__name__} {value!r}")
     if isinstance(value, float) and not (math.isfinite(value) and value.is_integer()):
@@ -66,32 +130,18 @@ def _count(name: str, value: Any) -> int:
     return int(value)
 
 
-def _filters(procedure: str, kwargs: dict[str, Any], allowed: frozenset[str]) -> Filters:
-    for key in sorted(set(kwargs) - allowed):
-        known = ", ".join(sorted(allowed)) or "none"
-        raise InvalidArgument(f"{procedure} has no keyword argument {key!r} (accepted: {known})")
-    device_id, sensor_type = kwargs.get("device_id"), kwargs.get("sensor_type")
+def _filters(device_id: str | None = None, sensor_type: str | None = None, limit: int | None = None) -> Filters:
     for name, value in (("device_id", device_id), ("sensor_type", sensor_type)):
         if value is not None and not valid_id(value):
             raise InvalidArgument(f"{name} must match ^[0-9a-z_]{{1,64}}$, got {value!r}")
-    limit = kwargs.get("limit")
-    return Filters(device_id, sensor_type, None if limit is None else _count("limit", limit))
+    return Filters(device_id, sensor_type, None if limit is None else count_arg("limit", limit))
 
 
-def _positional(procedure: str, names: tuple[str, ...], args: list[Any], kwargs: dict[str, Any],
-                optional: tuple[str, ...] = ()) -> list[Any]:
-    """Positional arguments, also accepted by name; a wrong count names what is expected."""
-    values = list(args)
-    for name in names[len(values):]:
-        if name in kwargs:
-            values.append(kwargs.pop(name))
-        elif name in optional:
-            values.append(None)
-    if len(values) != len(names):
-        short = procedure.rsplit(".", 1)[-1]
-        raise InvalidArgument(f"{short} takes {len(names)} argument(s) ({', '.join(names) or 'none'}), "
-                              f"got {len(args)}")
-    return values
+def _window(start: float, end: float) -> tuple[float, float]:
+    start, end = number_arg("start", start), number_arg("end", end)
+    if start > end:
+        raise InvalidArgument(f"start ({start}) is after end ({end})")
+    return start, end
 
 
 # ---- reading rows out of batches
@@ -114,8 +164,8 @@ def _rows_of(groups: list[Group], f: Filters, lo: float, hi: float, rec_lo: floa
     return out
 
 
-def _as_reading(row: Row) -> dict[str, Any]:
-    return reading_dict(row[5], row[6], row[0], row[1], row[2], row[3], row[4])
+def _as_reading(row: Row) -> Reading:
+    return cast(Reading, reading_dict(row[5], row[6], row[0], row[1], row[2], row[3], row[4]))
 
 
 _CacheItem = tuple[SealedBatch, list[Group], dict[str, list[Group]]]
@@ -170,8 +220,10 @@ class BatchCache:
         return item
 
 
+
+
 class QueryService:
-    """Answers the query procedures of the wire contract."""
+    """Answers the query procedures of the wire contract, one method each."""
 
     def __init__(self, settings: QuerySettings, store: BatchStore, keys: Callable[[], KeyRing],
                  clock: Callable[[], float] = time.time) -> None:
@@ -181,59 +233,41 @@ class QueryService:
         self.keys = keys
         self.clock = clock
         self.cache = BatchCache(settings.cache_readings)
-        self._procedures: dict[str, Callable[[list[Any], dict[str, Any], bool], Any]] = {
-            uris.FETCH_BETWEEN_WINDOW: self._between_window,
-            uris.FETCH_SINCE: self._since,
-            uris.FETCH_LAST_N_SEC: self._last_n_sec,
-            uris.FETCH_LAST_WINDOW: self._last_window,
-            uris.FETCH_ALL: self._all,
-            uris.GET_MAX_REL_TIME: self._max_rel_time,
-            uris.LIST_DEVICES: self._list_devices,
-            uris.GET_LATEST: self._latest,
-            uris.AGGREGATE: self._aggregate,
-            uris.GET_STATS: self._stats,
-        }
-
-    @property
-    def procedures(self) -> list[str]:
-        """URIs this service answers (``iot.get_audit`` is answered by the audit log)."""
-        return list(self._procedures)
-
-    def call(self, procedure: str, args: list[Any] | tuple[Any, ...], kwargs: dict[str, Any],
-             progressive: bool = False) -> Any:
-        """Answer ``procedure``; fetches with ``progressive`` return an iterator of reading chunks."""
-        return self._procedures[procedure](list(args), dict(kwargs), progressive)
 
     # ---- fetch procedures
-    def _between_window(self, args: list[Any], kwargs: dict[str, Any], progressive: bool) -> Any:
-        start, end = _positional(uris.FETCH_BETWEEN_WINDOW, ("start", "end"), args, kwargs)
-        f = _filters(uris.FETCH_BETWEEN_WINDOW, kwargs, FETCH_FILTERS)
-        start, end = _number("start", start), _number("end", end)
-        if start > end:
-            raise InvalidArgument(f"start ({start}) is after end ({end})")
+    def fetch_between_window(self, start: float, end: float, device_id: str | None = None,
+                             sensor_type: str | None = None, limit: int | None = None,
+                             progressive: bool = False) -> Fetched:
+        """Readings with ``start <= ts <= end``, oldest first."""
+        f = _filters(device_id, sensor_type, limit)
+        start, end = _window(start, end)
         return self._answer(self._by_ts(start, end, f), f, progressive)
 
-    def _since(self, args: list[Any], kwargs: dict[str, Any], progressive: bool) -> Any:
-        (start,) = _positional(uris.FETCH_SINCE, ("start",), args, kwargs)
-        f = _filters(uris.FETCH_SINCE, kwargs, FETCH_FILTERS)
-        return self._answer(self._by_ts(_number("start", start), INF, f), f, progressive)
+    def fetch_since(self, start: float, device_id: str | None = None, sensor_type: str | None = None,
+                    limit: int | None = None, progressive: bool = False) -> Fetched:
+        """Readings with ``ts >= start``, oldest first."""
+        f = _filters(device_id, sensor_type, limit)
+        return self._answer(self._by_ts(number_arg("start", start), INF, f), f, progressive)
 
-    def _all(self, args: list[Any], kwargs: dict[str, Any], progressive: bool) -> Any:
-        _positional(uris.FETCH_ALL, (), args, kwargs)
-        f = _filters(uris.FETCH_ALL, kwargs, FETCH_FILTERS)
+    def fetch_all(self, device_id: str | None = None, sensor_type: str | None = None, limit: int | None = None,
+                  progressive: bool = False) -> Fetched:
+        """Every reading, oldest first."""
+        f = _filters(device_id, sensor_type, limit)
         return self._answer(self._by_ts(-INF, INF, f), f, progressive)
 
-    def _last_n_sec(self, args: list[Any], kwargs: dict[str, Any], progressive: bool) -> Any:
-        (n,) = _positional(uris.FETCH_LAST_N_SEC, ("n",), args, kwargs)
-        f = _filters(uris.FETCH_LAST_N_SEC, kwargs, FETCH_FILTERS)
-        since = self.clock() - _count("n", n)
+    def fetch_last_n_sec(self, n: int, device_id: str | None = None, sensor_type: str | None = None,
+                         limit: int | None = None, progressive: bool = False) -> Fetched:
+        """Readings received in the last ``n`` seconds, oldest first."""
+        f = _filters(device_id, sensor_type, limit)
+        since = self.clock() - count_arg("n", n)
         batches = self.store.batches_by_received(since, INF)
         return self._answer(self._merge(batches, -INF, INF, f, since), f, progressive)
 
-    def _last_window(self, args: list[Any], kwargs: dict[str, Any], progressive: bool) -> Any:
-        (n,) = _positional(uris.FETCH_LAST_WINDOW, ("n",), args, kwargs)
-        f = _filters(uris.FETCH_LAST_WINDOW, kwargs, FETCH_FILTERS)
-        want = _count("n", n)
+    def fetch_last_window(self, n: int, device_id: str | None = None, sensor_type: str | None = None,
+                          limit: int | None = None, progressive: bool = False) -> Fetched:
+        """The ``n`` readings with the greatest ts, oldest first."""
+        f = _filters(device_id, sensor_type, limit)
+        want = count_arg("n", n)
         if f.limit is not None:
             want = min(want, f.limit)
         if want == 0:
@@ -280,11 +314,11 @@ class QueryService:
         return (f"{what}, more than query.max_results ({self.settings.max_results}): narrow the window, pass "
                 f"limit=, or call with progressive results (receive_progress) to stream them in chunks")
 
-    def _answer(self, runs: Iterable[list[Row]], f: Filters, progressive: bool) -> Any:
+    def _answer(self, runs: Iterable[list[Row]], f: Filters, progressive: bool) -> Fetched:
         limit = f.limit
         if progressive:
             return self._chunks(runs, limit)
-        out: list[dict[str, Any]] = []
+        out: list[Reading] = []
         cap = self.settings.max_results
         for run in runs:
             if limit is not None and len(out) + len(run) >= limit:
@@ -297,9 +331,9 @@ class QueryService:
             raise TooManyResults(self._too_many(f"{len(out)} readings were asked for"))
         return out
 
-    def _chunks(self, runs: Iterable[list[Row]], limit: int | None) -> Iterator[list[dict[str, Any]]]:
+    def _chunks(self, runs: Iterable[list[Row]], limit: int | None) -> Iterator[list[Reading]]:
         size = self.settings.chunk_size
-        pending: list[dict[str, Any]] = []
+        pending: list[Reading] = []
         sent = 0
         for run in runs:
             for row in run:
@@ -325,25 +359,25 @@ class QueryService:
                 merged.setdefault(device_id, {}).update(types)
         return merged
 
-    def _max_rel_time(self, args: list[Any], kwargs: dict[str, Any], progressive: bool) -> Any:
-        _positional(uris.GET_MAX_REL_TIME, (), args, kwargs)
-        f = _filters(uris.GET_MAX_REL_TIME, kwargs, frozenset({"device_id", "sensor_type"}))
+    def get_max_rel_time(self, device_id: str | None = None, sensor_type: str | None = None) -> float | None:
+        """The greatest ts stored (of the device and sensor type, when given); None when there is none."""
+        f = _filters(device_id, sensor_type)
         if f.device_id is None and f.sensor_type is None:
             return self.store.max_ts()
         last = [entry[2] for device_id, types in self._summary().items() for sensor_type, entry in types.items()
                 if f.matches(device_id, sensor_type)]
         return max(last) if last else None
 
-    def _list_devices(self, args: list[Any], kwargs: dict[str, Any], progressive: bool) -> Any:
-        _positional(uris.LIST_DEVICES, (), args, kwargs)
-        f = _filters(uris.LIST_DEVICES, kwargs, frozenset({"device_id"}))
-        rows = []
-        for device_id, types in sorted(self._summary().items()):
-            if not f.matches(device_id, ""):
+    def list_devices(self, device_id: str | None = None) -> list[Device]:
+        """Every device with stored readings (or the one asked for)."""
+        f = _filters(device_id)
+        rows: list[Device] = []
+        for device, types in sorted(self._summary().items()):
+            if not f.matches(device, ""):
                 continue
             entries = types.values()
             rows.append({
-                "device_id": device_id,
+                "device_id": device,
                 "sensor_types": sorted(types),
                 "count": sum(e[0] for e in entries),
                 "first_ts": min(e[1] for e in entries),
@@ -352,29 +386,29 @@ class QueryService:
             })
         return rows
 
-    def _latest(self, args: list[Any], kwargs: dict[str, Any], progressive: bool) -> Any:
-        _positional(uris.GET_LATEST, (), args, kwargs)
-        f = _filters(uris.GET_LATEST, kwargs, frozenset({"device_id", "sensor_type"}))
-        out = []
-        for device_id, types in sorted(self._summary().items()):
-            for sensor_type, entry in sorted(types.items()):
-                if f.matches(device_id, sensor_type) and entry[4] is not None:
+    def get_latest(self, device_id: str | None = None, sensor_type: str | None = None) -> list[Reading]:
+        """The reading with the greatest ts of each device and sensor type."""
+        f = _filters(device_id, sensor_type)
+        out: list[Reading] = []
+        for device, types in sorted(self._summary().items()):
+            for sensor, entry in sorted(types.items()):
+                if f.matches(device, sensor) and entry[4] is not None:
                     ts, value, seq, data, rec = entry[4]
-                    out.append(reading_dict(device_id, sensor_type, ts, value, seq, data, rec))
+                    out.append(cast(Reading, reading_dict(device, sensor, ts, value, seq, data, rec)))
         return out
 
-    def _aggregate(self, args: list[Any], kwargs: dict[str, Any], progressive: bool) -> Any:
-        start, end, bucket = _positional(uris.AGGREGATE, ("start", "end", "bucket"), args, kwargs)
-        f = _filters(uris.AGGREGATE, kwargs, frozenset({"device_id", "sensor_type"}))
-        start, end, bucket = _number("start", start), _number("end", end), _number("bucket", bucket)
-        if start > end:
-            raise InvalidArgument(f"start ({start}) is after end ({end})")
+    def aggregate(self, start: float, end: float, bucket: float, device_id: str | None = None,
+                  sensor_type: str | None = None) -> list[Bucket]:
+        """Count, min, max and mean per ``bucket`` seconds from ``start``, device and sensor type."""
+        f = _filters(device_id, sensor_type)
+        start, end = _window(start, end)
+        bucket = number_arg("bucket", bucket)
         if bucket <= 0:
             raise InvalidArgument(f"bucket must be a positive number of seconds, got {bucket!r}")
         acc: dict[tuple[int, str, str], list[float]] = {}
         for run in self._by_ts(start, end, f):
-            for ts, value, _, _, _, device_id, sensor_type in run:
-                key = (int((ts - start) // bucket), device_id, sensor_type)
+            for ts, value, _, _, _, device, sensor in run:
+                key = (int((ts - start) // bucket), device, sensor)
                 a = acc.get(key)
                 if a is None:
                     acc[key] = [1, value, value, value]
@@ -385,12 +419,11 @@ class QueryService:
                     a[3] += value
             if len(acc) > self.settings.max_results:
                 raise TooManyResults(self._too_many(f"more than {self.settings.max_results} buckets"))
-        return [{"bucket_start": start + k * bucket, "device_id": d, "sensor_type": t, "count": a[0],
+        return [{"bucket_start": start + k * bucket, "device_id": d, "sensor_type": t, "count": int(a[0]),
                  "min": a[1], "max": a[2], "mean": a[3] / a[0]} for (k, d, t), a in sorted(acc.items())]
 
-    def _stats(self, args: list[Any], kwargs: dict[str, Any], progressive: bool) -> Any:
-        _positional(uris.GET_STATS, (), args, kwargs)
-        _filters(uris.GET_STATS, kwargs, frozenset())
+    def get_stats(self) -> Stats:
+        """Storage counters summed over every storage instance, with each instance's."""
         total: dict[str, Any] = {"received": 0, "stored": 0, "duplicates": 0, "out_of_order": 0, "shed": 0,
                                  "batches": 0, "bytes": 0, "queue_depth": 0, "rejected": {}, "shards": []}
         for state in sorted(self._states(), key=lambda s: s["name"]):
@@ -402,75 +435,4 @@ class QueryService:
                 total["rejected"][reason] = total["rejected"].get(reason, 0) + n
             total["shards"].append({"name": state["name"], "written_at": state.get("written_at"),
                                     "stored": counters.get("stored", 0), "queue_depth": state.get("queue_depth", 0)})
-        return total
-
-
-AUDIT_FIELDS = ("time", "authid", "authrole", "procedure", "args", "kwargs", "rows", "error", "served_by")
-
-
-class AuditLog:
-    """Who called which query procedure, with which arguments, when, how many rows: sealed in the store."""
-
-    MAX_ARG_CHARS = 1024
-
-    def __init__(self, store: BatchStore, keys: Callable[[], KeyRing], served_by: str,
-                 max_results: int, clock: Callable[[], float] = time.time) -> None:
-        """Write sealed chunks of entries to ``store``; ``served_by`` names this callee in each entry."""
-        self._store = store
-        self._keys = keys
-        self._served_by = served_by
-        self._max_results = max_results
-        self._clock = clock
-        self._buffer: list[list[Any]] = []
-        self._lock = threading.Lock()
-
-    def record(self, authid: str | None, authrole: str | None, procedure: str, args: Any, kwargs: Any,
-               rows: int | None, error: str | None = None) -> None:
-        """Buffer one entry (written by the next :meth:`flush`)."""
-        entry = [self._clock(), authid, authrole, procedure, self._clip(args), self._clip(kwargs), rows, error,
-                 self._served_by]
-        with self._lock:
-            self._buffer.append(entry)
-
-    def _clip(self, value: Any) -> Any:
-        text = repr(value)
-        return value if len(text) <= self.MAX_ARG_CHARS else text[:self.MAX_ARG_CHARS] + "..."
-
-    def flush(self) -> int:
-        """Seal and store the buffered entries as one chunk; return how many were written."""
-        from components.core.batches import seal_groups
-
-        with self._lock:
-            entries, self._buffer = self._buffer, []
-        if not entries:
-            return 0
-        times = [e[0] for e in entries]
-        lo, hi = min(times), max(times)
-        try:
-            self._store.append_audit(seal_groups(self._keys(), [entries], int(lo // 86400), lo, hi, lo, hi,
-                                                 len(entries), kind=AUDIT))
-        except Exception:
-            with self._lock:
-                self._buffer[:0] = entries  # keep them for the next attempt
-            raise
-        return len(entries)
-
-    def read(self, args: list[Any], kwargs: dict[str, Any]) -> list[dict[str, Any]]:
-        """``iot.get_audit(since=None)``: stored entries (and this callee's unwritten ones), oldest first."""
-        (since,) = _positional(uris.GET_AUDIT, ("since",), args, kwargs, optional=("since",))
-        f = _filters(uris.GET_AUDIT, kwargs, frozenset({"limit"}))
-        since_t = -INF if since is None else _number("since", since)
-        ring = self._keys()
-        entries: list[list[Any]] = []
-        for sealed in self._store.batches_by_ts(since_t, INF, kind=AUDIT):
-            for group in open_groups(ring, sealed, AUDIT):
-                entries.extend(e for e in group if e[0] >= since_t)
-        with self._lock:
-            entries.extend(e for e in self._buffer if e[0] >= since_t)
-        entries.sort(key=lambda e: e[0])
-        if f.limit is not None:
-            entries = entries[-f.limit:] if f.limit else []
-        if len(entries) > self._max_results:
-            raise TooManyResults(f"{len(entries)} audit entries match, more than query.max_results "
-                                 f"({self._max_results}): pass since= or limit=")
-        return [dict(zip(AUDIT_FIELDS, e, strict=False)) for e in entries]
+        return cast(Stats, total)

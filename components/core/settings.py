@@ -359,7 +359,7 @@ def load_settings(path: str | os.PathLike[str] | None = None, environ: Mapping[s
     for name in sorted(environ):
         if name.startswith("IOT_") and name not in known_env_vars():
             raise ConfigError(f"environment variable {name}: not a setting this project knows "
-                              f"(see the configuration table in README.md)")
+                              f"(see the configuration table in docs/configuration.md)")
     base = config_path.parent
     sections: dict[str, Any] = {name: _build_section(cls, name, raw.get(name, {}), environ, base)
                                 for name, cls in SECTIONS.items()}

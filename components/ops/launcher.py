@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import sys
 import time
 from pathlib import Path
@@ -22,6 +21,7 @@ from components.core.settings import Settings
 from components.ops import dynamodb_local, router_config
 from components.ops.credentials import CredentialStore
 from components.ops.supervisor import Event, ServiceSpec, Supervisor
+from components.ops.waiting import wait_for_port
 
 SERVICES: tuple[str, ...] = ("storage", "query")
 """Service components started between the router and the devices (``python -m components <name>``)."""
@@ -38,23 +38,6 @@ def crossbar_argv(node_dir: Path, loglevel: str = "info") -> list[str]:
     """Command line that starts the router from a rendered node directory."""
     return [crossbar_executable(), "start", "--cbdir", str(node_dir), "--config", "config.json",
             "--loglevel", loglevel, "--color", "false"]
-
-
-def wait_for_port(host: str, port: int, deadline: float, alive: object | None = None) -> None:
-    """Block until ``host:port`` accepts connections; raise TimeoutError at the deadline.
-
-    ``alive`` is a process (anything with ``poll()``) that must not exit meanwhile.
-    """
-    while time.monotonic() < deadline:
-        if alive is not None and alive.poll() is not None:  # type: ignore[attr-defined]
-            raise RuntimeError(f"process exited with code {alive.returncode} "  # type: ignore[attr-defined]
-                               f"before listening on {port}")
-        try:
-            with socket.create_connection((host, port), timeout=0.5):
-                return
-        except OSError:
-            time.sleep(0.1)
-    raise TimeoutError(f"nothing listened on {host}:{port} in time")
 
 
 def _python(module: str, settings: Settings, *args: str) -> list[str]:
@@ -83,8 +66,8 @@ def _local_dynamodb(settings: Settings, supervisor: Supervisor, logs: Path) -> N
     data.mkdir(parents=True, exist_ok=True)
     print(f"starting DynamoDB Local on 127.0.0.1:{port} (data in {data}) ...", flush=True)
     child = supervisor.start(ServiceSpec("dynamodb", dynamodb_local.command(jar, port, data), logs / "dynamodb.log",
-                                         cwd=jar.parent))
-    wait_for_port("127.0.0.1", port, time.monotonic() + 60, child.proc)
+                                         cwd=jar.parent, ready_port=port))
+    child.wait_ready(60)
 
 
 def _report(event: Event) -> bool:
@@ -128,17 +111,17 @@ def run_stack(settings: Settings, with_devices: bool = True) -> int:
     try:
         _local_dynamodb(settings, supervisor, logs)
         # Crossbar exits 0 on SIGINT (1 on SIGTERM).
+        host = "127.0.0.1" if settings.router.listen_host in ("0.0.0.0", "::") else settings.router.listen_host  # noqa: S104
         router = supervisor.start(ServiceSpec("router", crossbar_argv(node_dir), logs / "router.log",
-                                              signal.SIGINT))
+                                              signal.SIGINT, ready_port=settings.router.listen_port, ready_host=host))
         print(f"starting router on {settings.router.listen_host}:{settings.router.listen_port} "
               f"(log: {logs / 'router.log'}) ...", flush=True)
-        host = "127.0.0.1" if settings.router.listen_host in ("0.0.0.0", "::") else settings.router.listen_host  # noqa: S104
-        wait_for_port(host, settings.router.listen_port,
-                      time.monotonic() + ROUTER_START_TIMEOUT_S, router.proc)
+        router.wait_ready(ROUTER_START_TIMEOUT_S)
         names = [*SERVICES, "devices"] if with_devices else list(SERVICES)
         for name in names:
             module, command = ("devices", "simulate") if name == "devices" else ("components", name)
-            supervisor.start(ServiceSpec(name, _python(module, settings, command), logs / f"{name}.log", echo=True))
+            supervisor.start(ServiceSpec(name, _python(module, settings, command), logs / f"{name}.log", echo=True,
+                                         announces=None if name == "devices" else name))
         _banner(settings)
         while not stopping:
             if any(_report(event) for event in supervisor.poll()):

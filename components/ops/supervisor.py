@@ -10,12 +10,18 @@ backoff that doubles with each quick failure (0.5 s, 1 s, 2 s, ... up to 10 s). 
 before it died starts again at once. One that fails within seconds of its start several times in a row is
 given up: :meth:`Supervisor.poll` reports it with its last log lines, and the caller decides what then.
 A child that exits 0 is done and stays stopped.
+
+Readiness is machine-readable, never log text: a child whose spec names a ``ready_port`` is ready once that
+port accepts connections (the router); one whose spec names what it ``announces`` is ready once it prints
+the line :func:`ready_line` makes, ``{"ready": "<name>", "pid": N}`` (the storage and query services, see
+``components.wamp.connection.announce_ready``). :meth:`Child.wait_ready` waits for either.
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import json
 import os
 import signal
 import subprocess
@@ -23,10 +29,12 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
+
+from components.ops.waiting import wait_for_port, wait_until
 
 _PR_SET_PDEATHSIG = 1
 STOP_TIMEOUT_S = 20.0
@@ -36,6 +44,22 @@ QUICK_FAILURE_S = 10.0
 """A child that dies within this many seconds of its start failed 'at once'."""
 MAX_QUICK_FAILURES = 5
 """Quick failures in a row after which a child is given up."""
+
+
+def ready_line(name: str) -> str:
+    """The line a child prints once it is ready: ``{"ready": "storage", "pid": 1234}``."""
+    return json.dumps({"ready": name, "pid": os.getpid()})
+
+
+def announced(line: str) -> str | None:
+    """The name in a :func:`ready_line`, or None for any other line."""
+    if not line.startswith('{"ready"'):
+        return None
+    try:
+        name = json.loads(line)["ready"]
+    except (ValueError, KeyError, TypeError):
+        return None
+    return name if isinstance(name, str) else None
 
 
 def _die_with_parent() -> None:
@@ -56,8 +80,17 @@ class ServiceSpec:
     """Copy its output lines to this process's stdout, prefixed with the name."""
     restart: bool = True
     cwd: Path | None = None
-    env: dict[str, str] | None = None
-    """Extra environment variables (on top of this process's)."""
+    env: Mapping[str, str] | None = None
+    """Extra environment variables (on top of ``base_env``)."""
+    base_env: Mapping[str, str] | None = None
+    """The environment to start from (this process's unless given)."""
+    stdin: bool = False
+    """Give it a pipe on stdin (``proc.stdin``) instead of /dev/null."""
+    ready_port: int | None = None
+    """Ready once ``ready_host:ready_port`` accepts connections."""
+    ready_host: str = "127.0.0.1"
+    announces: str | None = None
+    """Ready once it prints ``ready_line(announces)``."""
 
 
 def describe_exit(code: int) -> str:
@@ -82,6 +115,8 @@ class Child:
     restart_at: float | None = None
     given_up: bool = False
     tail: deque[str] = field(default_factory=lambda: deque(maxlen=TAIL_LINES))
+    ready: threading.Event = field(default_factory=threading.Event)
+    """Set once the current process printed its ready line."""
     _reader: threading.Thread | None = None
 
     @property
@@ -94,14 +129,64 @@ class Child:
         """True while its process is alive."""
         return self.proc is not None and self.proc.poll() is None
 
+    def alive(self) -> bool:
+        """True while its process is alive (as :attr:`running`)."""
+        return self.running
+
+    @property
+    def pid(self) -> int:
+        """The current process's id."""
+        assert self.proc is not None
+        return self.proc.pid
+
+    def log(self) -> str:
+        """What it wrote to its log file so far (its last lines when it has none)."""
+        if self.spec.log_path is None:
+            return "\n".join(self.tail)
+        try:
+            return self.spec.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def _last_lines(self) -> str:
+        return "\n".join(f"    {line}" for line in self.tail) or "    (it printed nothing)"
+
+    def wait_ready(self, timeout: float) -> Child:
+        """Block until it is ready (its port accepts, or it printed its ready line); raise if it exits first.
+
+        RuntimeError (it exited) or TimeoutError, with its last lines. A spec naming no readiness is ready now.
+        """
+        spec = self.spec
+        try:
+            if spec.ready_port is not None:
+                wait_for_port(spec.ready_host, spec.ready_port, time.monotonic() + timeout, self.proc)
+            elif spec.announces is not None:
+                wait_until(self._announced, timeout, f"{spec.name} to print its ready line")
+        except (TimeoutError, RuntimeError) as err:
+            raise type(err)(f"{spec.name} did not get ready: {err}; its last lines:\n{self._last_lines()}") from None
+        return self
+
+    def _announced(self) -> bool:
+        if self.ready.is_set():
+            return True
+        if not self.running:
+            if self._reader is not None:
+                self._reader.join(1.0)  # its last lines, the ready line perhaps, may still be in the pipe
+            if self.ready.is_set():
+                return True
+            assert self.proc is not None
+            raise RuntimeError(f"it exited ({describe_exit(self.proc.returncode)})")
+        return False
+
     def start(self) -> None:
         """Start (or start again) the process, its output going through a reader thread."""
         spec = self.spec
         # unbuffered: a Python child's output reaches the log line by line, not when a pipe buffer fills
-        env = dict(os.environ, PYTHONUNBUFFERED="1", **(spec.env or {}))
+        env = dict(os.environ if spec.base_env is None else spec.base_env, PYTHONUNBUFFERED="1", **(spec.env or {}))
+        self.ready.clear()
         self.proc = subprocess.Popen(list(spec.argv), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, start_new_session=True,
-                                     preexec_fn=_die_with_parent, cwd=spec.cwd, env=env)
+                                     stdin=subprocess.PIPE if spec.stdin else subprocess.DEVNULL,
+                                     start_new_session=True, preexec_fn=_die_with_parent, cwd=spec.cwd, env=env)
         self.started_at = time.monotonic()
         self.restart_at = None
         self._reader = threading.Thread(target=self._copy_output, args=(self.proc.stdout,),
@@ -119,6 +204,8 @@ class Child:
                     log.flush()
                 line = raw.decode(errors="replace").rstrip("\n")
                 self.tail.append(line)
+                if self.spec.announces is not None and announced(line) == self.spec.announces:
+                    self.ready.set()
                 if self.spec.echo:
                     sys.stdout.write(f"{self.spec.name:>8} | {line}\n")
                     sys.stdout.flush()
@@ -126,6 +213,11 @@ class Child:
             stream.close()
             if log is not None:
                 log.close()
+
+    def wait(self, timeout: float | None = None) -> int:
+        """Wait for the current process to exit (subprocess.TimeoutExpired after ``timeout``); its exit code."""
+        assert self.proc is not None
+        return self.proc.wait(timeout)
 
     def signal(self, signum: int) -> None:
         """Send ``signum`` to the process, if it runs."""
@@ -154,11 +246,20 @@ class Child:
             try:
                 self.proc.wait(timeout)
             except subprocess.TimeoutExpired:
-                print(f"  {self.name} did not stop in {timeout:.0f}s; killing it", flush=True)
+                print(f"  {self.name} did not stop in {timeout:.0f}s; killing it", file=sys.stderr, flush=True)
                 self.proc.kill()
                 self.proc.wait()
         self.reap()
         return self.proc.returncode
+
+    def kill(self) -> None:
+        """SIGKILL its whole session now (a router's workers too) and wait for it."""
+        self.restart_at = None
+        if self.running:
+            assert self.proc is not None
+            self.proc.kill()
+            self.proc.wait()
+        self.reap()
 
 
 @dataclass(frozen=True)
@@ -174,10 +275,11 @@ class Event:
 class Supervisor:
     """Starts children, restarts those that die, stops them newest first."""
 
-    def __init__(self) -> None:
-        """An empty supervisor."""
+    def __init__(self, say: Callable[[str], None] | None = None) -> None:
+        """An empty supervisor; ``say`` reports what :meth:`stop` did (default: print on stdout)."""
         self.children: list[Child] = []
         self.stopping = False
+        self.say = say or (lambda message: print(message, flush=True))
 
     def start(self, spec: ServiceSpec) -> Child:
         """Start a child under supervision."""
@@ -223,10 +325,34 @@ class Supervisor:
         child.restart_at = now + delay
         return Event("exited", child, f"{how} after {ran:.1f}s; restarting in {delay:.1f}s")
 
+    def stop_child(self, child: Child, timeout: float = STOP_TIMEOUT_S) -> int | None:
+        """Stop one child now and forget it; its exit code."""
+        code = child.stop(timeout)
+        if child in self.children:
+            self.children.remove(child)
+        return code
+
     def stop(self) -> None:
-        """Stop every child, newest first, each with its stop signal (SIGKILL after a timeout)."""
+        """Stop every child, newest first, each with its stop signal (SIGKILL after a timeout).
+
+        Interrupted (a second Ctrl-C, an error), it kills the children left at once and re-raises.
+        """
         self.stopping = True
-        for child in reversed(self.children):
-            code = child.stop()
-            if code is not None:
-                print(f"  stopped {child.name} ({describe_exit(code)})", flush=True)
+        try:
+            while self.children:
+                child = self.children[-1]
+                code = child.stop()
+                if code is not None:
+                    self.say(f"  stopped {child.name} ({describe_exit(code)})")
+                self.children.pop()
+        except BaseException:
+            for child in self.children:
+                child.kill()
+            self.children.clear()
+            raise
+
+    def __enter__(self) -> Supervisor:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

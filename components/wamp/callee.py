@@ -1,5 +1,8 @@
 """The query callee: registers every query procedure (shared registration, round robin) and answers from
 :class:`components.core.query.QueryService` on a worker thread; records each call in the audit log.
+
+:data:`PROCEDURES` maps each URI to its method and the shape of its WAMP arguments; :func:`answer` decodes
+positional and keyword arguments into that method's typed arguments.
 """
 
 from __future__ import annotations
@@ -7,7 +10,8 @@ from __future__ import annotations
 import os
 import socket
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import txaio
@@ -16,18 +20,84 @@ from autobahn.wamp.exception import ApplicationError
 from autobahn.wamp.types import RegisterOptions
 from twisted.internet import defer, task, threads
 
-from components.core.errors import ConfigError, IotError, StorageUnavailable
-from components.core.query import AuditLog, QueryService
+from components.core.audit import AuditLog
+from components.core.errors import ConfigError, InvalidArgument, IotError, StorageUnavailable
+from components.core.query import QueryService
 from components.core.settings import Settings
 from components.storage.backends import LazyStore, open_store
 from components.wamp import uris
-from components.wamp.connection import make_component, start_service, ticket_auth, tune_gc
+from components.wamp.connection import (
+    announce_ready,
+    make_component,
+    start_service,
+    ticket_auth,
+    tune_gc,
+    wamp_errors,
+)
 
 log = txaio.make_logger()
 
 THREADS = {"sqlite": 1, "dynamodb": 8}
 """Worker threads per backend: SQLite work holds the GIL (more threads only contend for it, measured with
 ``python -m bench http``); DynamoDB calls wait on the network, so several overlap."""
+
+
+@dataclass(frozen=True)
+class Procedure:
+    """How a procedure's WAMP arguments map to its method (of the QueryService, or the AuditLog for audit)."""
+
+    method: str
+    positional: tuple[str, ...] = ()
+    filters: frozenset[str] = frozenset()
+    optional: tuple[str, ...] = ()
+    streams: bool = False
+
+
+FETCH_FILTERS = frozenset({"device_id", "sensor_type", "limit"})
+SUMMARY_FILTERS = frozenset({"device_id", "sensor_type"})
+PROCEDURES = {
+    uris.FETCH_BETWEEN_WINDOW: Procedure("fetch_between_window", ("start", "end"), FETCH_FILTERS, streams=True),
+    uris.FETCH_SINCE: Procedure("fetch_since", ("start",), FETCH_FILTERS, streams=True),
+    uris.FETCH_LAST_N_SEC: Procedure("fetch_last_n_sec", ("n",), FETCH_FILTERS, streams=True),
+    uris.FETCH_LAST_WINDOW: Procedure("fetch_last_window", ("n",), FETCH_FILTERS, streams=True),
+    uris.FETCH_ALL: Procedure("fetch_all", (), FETCH_FILTERS, streams=True),
+    uris.GET_MAX_REL_TIME: Procedure("get_max_rel_time", (), SUMMARY_FILTERS),
+    uris.LIST_DEVICES: Procedure("list_devices", (), frozenset({"device_id"})),
+    uris.GET_LATEST: Procedure("get_latest", (), SUMMARY_FILTERS),
+    uris.AGGREGATE: Procedure("aggregate", ("start", "end", "bucket"), SUMMARY_FILTERS),
+    uris.GET_AUDIT: Procedure("read", ("since",), frozenset({"limit"}), optional=("since",)),
+    uris.GET_STATS: Procedure("get_stats"),
+}
+
+
+def decode(procedure: str, args: list[Any] | tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The method's keyword arguments: positional ones (also accepted by name), then the allowed filters."""
+    spec = PROCEDURES[procedure]
+    kwargs = dict(kwargs)
+    values = list(args)
+    for name in spec.positional[len(values):]:
+        if name in kwargs:
+            values.append(kwargs.pop(name))
+        elif name in spec.optional:
+            values.append(None)
+    if len(values) != len(spec.positional):
+        short = procedure.rsplit(".", 1)[-1]
+        raise InvalidArgument(f"{short} takes {len(spec.positional)} argument(s) "
+                              f"({', '.join(spec.positional) or 'none'}), got {len(args)}")
+    for key in sorted(set(kwargs) - spec.filters):
+        known = ", ".join(sorted(spec.filters)) or "none"
+        raise InvalidArgument(f"{procedure} has no keyword argument {key!r} (accepted: {known})")
+    return dict(zip(spec.positional, values, strict=True)) | kwargs
+
+
+def answer(target: QueryService | AuditLog, procedure: str, args: list[Any] | tuple[Any, ...],
+           kwargs: dict[str, Any], progressive: bool = False) -> Any:
+    """Call ``procedure``'s method of ``target``; fetches with ``progressive`` return an iterator of chunks."""
+    spec = PROCEDURES[procedure]
+    call = decode(procedure, args, kwargs)
+    if progressive and spec.streams:
+        call["progressive"] = True
+    return getattr(target, spec.method)(**call)
 
 
 class QueryAdapter:
@@ -45,12 +115,13 @@ class QueryAdapter:
     @defer.inlineCallbacks
     def _on_join(self, session: Any, details: Any) -> Any:
         options = RegisterOptions(invoke="roundrobin", details_arg="details")
-        for procedure in [*self.service.procedures, uris.GET_AUDIT]:
+        for procedure in PROCEDURES:
             yield session.register(self._handler(procedure), procedure, options=options)
-        log.info("query callee registered {n} procedures as {authid}", n=len(self.service.procedures) + 1,
-                 authid=details.authid)
+        log.info("query callee registered {n} procedures as {authid}", n=len(PROCEDURES), authid=details.authid)
+        announce_ready("query")
 
     def _handler(self, procedure: str) -> Callable[..., Any]:
+        @wamp_errors
         @defer.inlineCallbacks
         def handle(*args: Any, details: Any = None, **kwargs: Any) -> Any:
             self.calls += 1
@@ -59,8 +130,8 @@ class QueryAdapter:
             try:
                 result = yield threads.deferToThread(self._answer, procedure, args, kwargs, progress)
             except IotError as err:
-                self.audit.record(authid, authrole, procedure, list(args), kwargs, None, err.uri)
-                raise ApplicationError(err.uri, str(err)) from err
+                self.audit.record(authid, authrole, procedure, list(args), kwargs, None, uris.error_uri(err))
+                raise
             except Exception as err:
                 log.failure("query {procedure} failed", procedure=procedure)
                 self.audit.record(authid, authrole, procedure, list(args), kwargs, None, "internal_error")
@@ -74,12 +145,9 @@ class QueryAdapter:
     def _answer(self, procedure: str, args: tuple[Any, ...], kwargs: dict[str, Any],
                 progress: Callable[..., Any] | None) -> tuple[int | None, Any]:
         """On a worker thread: compute the answer; stream chunks through ``progress`` when asked."""
-        if procedure == uris.GET_AUDIT:
-            entries = self.audit.read(list(args), kwargs)
-            return len(entries), entries
-        streaming = progress is not None and procedure.startswith("iot.fetch_")
-        result = self.service.call(procedure, args, kwargs, progressive=streaming)
-        if not streaming:
+        target = self.audit if procedure == uris.GET_AUDIT else self.service
+        result = answer(target, procedure, args, kwargs, progressive=progress is not None)
+        if not isinstance(result, Iterator):
             return (len(result) if isinstance(result, list) else None), result
         rows, last = 0, list[Any]()
         for chunk in result:

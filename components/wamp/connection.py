@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import gc
 import os
+import sys
 from collections.abc import Callable
 from typing import Any, TypeVar
 from urllib.parse import urlparse
@@ -19,6 +20,8 @@ from components.core.errors import IotError
 from components.core.sealing import KeySource
 from components.core.settings import RouterSettings, Settings, setup_logging
 from components.ops.credentials import CredentialStore
+from components.ops.supervisor import ready_line
+from components.wamp.uris import error_uri
 
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 
@@ -87,13 +90,13 @@ def wamp_errors(fn: F) -> F:
         def translate(failure: Any) -> Any:
             err = failure.value
             if isinstance(err, IotError):
-                raise ApplicationError(err.uri, str(err)) from err
+                raise ApplicationError(error_uri(err), str(err)) from err
             return failure
 
         try:
             result = fn(*args, **kwargs)
         except IotError as err:
-            raise ApplicationError(err.uri, str(err)) from err
+            raise ApplicationError(error_uri(err), str(err)) from err
         if isinstance(result, defer.Deferred):
             result.addErrback(translate)
         return result
@@ -114,6 +117,17 @@ def start_service(settings: Settings, authid: str) -> tuple[Any, KeySource, str]
     keys = KeySource(settings.keys, os.environ)
     ticket = os.environ.get("IOT_TICKET") or CredentialStore(settings.paths.secrets_dir).ticket(authid)
     return reactor, keys, ticket
+
+
+def announce_ready(name: str) -> None:
+    """Tell whoever started this service that it is ready (subscribed, registered): one machine-readable line.
+
+    ``{"ready": "storage", "pid": N}`` on the process's real stdout (txaio's logging has replaced ``sys.stdout``
+    with a logger that would put a timestamp in front), which the supervisor waits for (components.ops.supervisor).
+    """
+    out = sys.__stdout__ or sys.stdout
+    out.write(ready_line(name) + "\n")
+    out.flush()
 
 
 GC_THRESHOLDS = (50_000, 20, 100)

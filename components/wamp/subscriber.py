@@ -22,7 +22,7 @@ from components.core.sealing import KeySource
 from components.core.settings import Settings
 from components.storage.backends import open_store
 from components.wamp import uris
-from components.wamp.connection import make_component, start_service, ticket_auth
+from components.wamp.connection import announce_ready, make_component, start_service, ticket_auth
 
 log = txaio.make_logger()
 
@@ -33,6 +33,16 @@ FLUSH_TIMEOUT_S = 30.0
 def ack_payload(seq: int, epoch: str | None) -> dict[str, Any]:
     """What ``iot.ack.<device_id>`` carries: the highest committed seq, and the epoch it counts in."""
     return {"seq": seq} if epoch is None else {"seq": seq, "epoch": epoch}
+
+
+def deliver(service: IngestService, topic: str, payload: object, received_at: float | None = None,
+            epoch: object = None) -> None:
+    """Hand an event published on ``topic`` to ``service`` (a topic of another shape is counted as refused)."""
+    parsed = uris.parse_sensor_topic(topic)
+    if parsed is None:
+        service.refuse_source(payload, topic)
+    else:
+        service.ingest(parsed[0], parsed[1], payload, received_at, epoch)
 
 
 class StorageAdapter:
@@ -56,6 +66,7 @@ class StorageAdapter:
                                 options=SubscribeOptions(match="prefix", details_arg="details"))
         self.session = session
         log.info("storage subscribed to {prefix}* as {authid}", prefix=uris.SENSOR_PREFIX, authid=details.authid)
+        announce_ready("storage")
 
     def _on_leave(self, session: Any, details: Any) -> None:
         self.session = None
@@ -63,7 +74,7 @@ class StorageAdapter:
     def _on_event(self, *args: Any, details: Any = None, **kwargs: Any) -> None:
         if self.stopping:
             return  # not acknowledged: devices that number their readings send them again
-        self.service.ingest(details.topic, args[0] if args else None, epoch=kwargs.get("epoch"))
+        deliver(self.service, details.topic, args[0] if args else None, epoch=kwargs.get("epoch"))
 
     def acks_from_writer(self, acks: dict[Mark, int]) -> None:
         """Called on the writer thread after a commit."""

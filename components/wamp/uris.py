@@ -1,5 +1,7 @@
 """Every WAMP URI of the sensor hub, in one place (the README's URI table is checked against this module)."""
 
+from components.core.errors import DecryptionFailed, InvalidArgument, IotError, StorageUnavailable, TooManyResults
+
 REALM = "iot"
 
 # Topics
@@ -47,6 +49,18 @@ ERRORS = (
     ERROR_STORAGE_UNAVAILABLE,
     ERROR_DECRYPTION_FAILED,
 )
+
+ERROR_OF: dict[type[IotError], str] = {
+    InvalidArgument: ERROR_INVALID_ARGUMENT,
+    TooManyResults: ERROR_TOO_MANY_RESULTS,
+    StorageUnavailable: ERROR_STORAGE_UNAVAILABLE,
+    DecryptionFailed: ERROR_DECRYPTION_FAILED,
+}
+
+
+def error_uri(err: IotError) -> str:
+    """The WAMP error a caller gets for one of the project's exceptions."""
+    return next(uri for cls, uri in ERROR_OF.items() if isinstance(err, cls))
 
 
 def sensor_topic(device_id: str, sensor_type: str) -> str:

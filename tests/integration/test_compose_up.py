@@ -18,10 +18,10 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import psutil
 import pytest
@@ -30,7 +30,9 @@ from twisted.internet import defer
 
 from components.core.ingest import shard_of
 from components.core.settings import load_settings
-from tests.support.harness import REPO, Session, as_principal, free_port, wait_until
+from components.ops import waiting
+from components.ops.waiting import free_port
+from tests.support.harness import REPO, Session, as_principal, wait_until
 
 pytestmark = [pytest.mark.containers, pytest.mark.timeout(900)]
 
@@ -53,19 +55,6 @@ VARIANTS = {
 }
 UP_TIMEOUT = 300
 DEVICES = 6  # IOT_SIMULATOR_DEVICES of .env.example
-
-T = TypeVar("T")
-
-
-def wait_for(condition: Callable[[], T | None], timeout: float, what: str, interval: float = 1.0) -> T:
-    """Poll ``condition`` until it returns something truthy; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = condition()
-        if result:
-            return result
-        assert time.monotonic() < deadline, f"timed out after {timeout:.0f}s waiting for {what}"
-        time.sleep(interval)
 
 
 @dataclass
@@ -242,7 +231,7 @@ def test_every_simulated_device_has_readings_stored_by_every_shard(stack: Stack)
         rows: list[dict[str, Any]] = stack.call("iot.list_devices")
         return rows if {r["device_id"] for r in rows} == {str(d) for d in range(DEVICES)} else None
 
-    rows = wait_for(all_devices, 120, f"readings of devices 0 to {DEVICES - 1}")
+    rows = waiting.wait_until(all_devices, 120, f"readings of devices 0 to {DEVICES - 1}", interval=1.0)
     assert all(r["count"] > 0 for r in rows), rows
     stats = stack.stats()
     shards = stats["shards"]
@@ -315,7 +304,7 @@ def test_storage_killed_is_restarted_and_loses_no_reading(stack: Stack) -> None:
         up = now["RestartCount"] > before["RestartCount"] and now["State"]["Running"]
         return now if up and now["State"]["Health"]["Status"] == "healthy" else None
 
-    after = wait_for(restarted_and_healthy, 120, f"{service} restarted and healthy")
+    after = waiting.wait_until(restarted_and_healthy, 120, f"{service} restarted and healthy", interval=1.0)
     assert after["Id"] == before["Id"] and after["State"]["Pid"] != before["State"]["Pid"]
 
     def grown() -> list[int] | None:
@@ -323,7 +312,7 @@ def test_storage_killed_is_restarted_and_loses_no_reading(stack: Stack) -> None:
         seqs = stack.device_0_seqs()
         return seqs if len(seqs) >= len(seqs_before) + 20 else None
 
-    seqs = wait_for(grown, 120, "device 0's readings stored by the restarted storage")
+    seqs = waiting.wait_until(grown, 120, "device 0's readings stored by the restarted storage", interval=1.0)
     assert seqs == list(range(1, len(seqs) + 1)), "a gap or a duplicate in device 0's seqs"
 
 
@@ -337,4 +326,4 @@ def test_down_and_up_keep_the_stored_readings(stack: Stack, pytestconfig: pytest
     assert stack.stats()["stored"] >= stored
     after = stack.device_0_seqs()
     assert len(after) >= len(seqs) and after == list(range(1, len(after) + 1))
-    wait_for(lambda: stack.stats()["stored"] > stored, 120, "new readings after the restart")
+    waiting.wait_until(lambda: stack.stats()["stored"] > stored, 120, "new readings after the restart", interval=1.0)

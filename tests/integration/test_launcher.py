@@ -13,7 +13,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.support.harness import REPO, free_port, write_config
+from components.ops.waiting import free_port, wait_until
+from tests.support.harness import REPO, write_config
 
 
 def http_call(config: Path, procedure: str) -> dict:
@@ -25,16 +26,6 @@ def http_call(config: Path, procedure: str) -> dict:
     answer: dict = json.loads(out.stdout)
     assert (out.returncode == 0) == ("error" not in answer), out.stdout + out.stderr
     return answer
-
-
-def wait_for(condition, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while True:
-        result = condition()
-        if result:
-            return result
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.2)  # polling a child process against a deadline (this test drives processes, no reactor)
 
 
 def start_launcher(tmp_path: Path, overrides: dict, env: dict | None = None) -> tuple[subprocess.Popen, Path, Path]:
@@ -84,12 +75,12 @@ def run_stack(tmp_path: Path, overrides: dict) -> None:
     launcher, config, log_path = start_launcher(tmp_path, overrides)
     children: list[psutil.Process] = []
     try:
-        wait_for(lambda: "Dashboard:" in log_path.read_text(), 120, "the dashboard URL")
+        wait_until(lambda: "Dashboard:" in log_path.read_text(), 120, "the dashboard URL")
         port = json.loads(config.read_text())["router"]["listen_port"]
         assert f"http://127.0.0.1:{port}/#ticket=" in log_path.read_text()
         children = psutil.Process(launcher.pid).children(recursive=True)
         assert len(children) >= 4  # router (and its worker), storage, query, devices
-        wait_for(lambda: stored(config) >= 10, 90, "readings stored through the whole stack")
+        wait_until(lambda: stored(config) >= 10, 90, "readings stored through the whole stack")
         latest = http_call(config, "iot.get_latest")["args"][0]
         assert {r["device_id"] for r in latest} == {"0", "1"}
     finally:
@@ -113,15 +104,15 @@ def test_one_setting_runs_the_whole_stack_on_dynamodb(tmp_path) -> None:
 def test_storage_killed_under_make_run_comes_back_and_device_0_keeps_every_seq_once(tmp_path) -> None:
     launcher, config, log_path = start_launcher(tmp_path, {"device": {"ack_timeout_s": 2.0}})
     try:
-        wait_for(lambda: "Dashboard:" in log_path.read_text(), 120, "the dashboard URL")
-        wait_for(lambda: stored(config) >= 20, 120, "readings stored")
+        wait_until(lambda: "Dashboard:" in log_path.read_text(), 120, "the dashboard URL")
+        wait_until(lambda: stored(config) >= 20, 120, "readings stored")
         storage = child_named(launcher, "storage")
         storage.kill()  # SIGKILL: what it held uncommitted is lost, and was never acknowledged
         killed_at = time.monotonic()
         before = stored(config)
-        wait_for(lambda: "restarted storage" in log_path.read_text(), 30, "the launcher to restart storage")
-        wait_for(lambda: child_named(launcher, "storage").pid != storage.pid, 5, "a new storage process")
-        wait_for(lambda: stored(config) >= before + 20, 60, "readings stored by the new storage process")
+        wait_until(lambda: "restarted storage" in log_path.read_text(), 30, "the launcher to restart storage")
+        wait_until(lambda: child_named(launcher, "storage").pid != storage.pid, 5, "a new storage process")
+        wait_until(lambda: stored(config) >= before + 20, 60, "readings stored by the new storage process")
         back_in = time.monotonic() - killed_at
         readings = http_call(config, "iot.fetch_all")["args"][0]
     finally:

@@ -273,8 +273,8 @@ def test_the_ingest_service_cuts_batches_to_fit_the_store_and_loses_no_reading(a
     base = 1_700_000_000.0
     note = "x" * 8000
     for i in range(120):
-        service.ingest("iot.sensor.dev_7.camera", {"value": float(i), "ts": base + i * 0.25, "seq": i + 1,
-                                                   "data": {"note": note}}, base + 40)
+        service.ingest("dev_7", "camera", {"value": float(i), "ts": base + i * 0.25, "seq": i + 1,
+                                        "data": {"note": note}}, base + 40)
     assert service.flush(60)
     stored = any_store.batches_by_ts(base, base + 30)
     limit = any_store.max_body_bytes

@@ -12,6 +12,7 @@ from components.core.sealing import KeyRing
 from components.core.settings import BatchingSettings, QuerySettings, StorageSettings
 from components.storage.interface import BatchStore
 from components.wamp import uris
+from components.wamp.subscriber import deliver
 
 STORAGE = StorageSettings(backend="sqlite")
 BATCHING = BatchingSettings()
@@ -33,7 +34,7 @@ class Ingested:
     def events(self, events: Iterable[tuple[str, Any, float]]) -> Ingested:
         """Ingest (topic, payload, received_at) events."""
         for topic, payload, received_at in events:
-            self.service.ingest(topic, payload, received_at)
+            deliver(self.service, topic, payload, received_at)
         return self
 
     def flush(self) -> Ingested:

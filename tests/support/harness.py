@@ -5,13 +5,11 @@ Nothing here sleeps for a fixed time: every wait polls a condition against a dea
 
 from __future__ import annotations
 
+import dataclasses
 import json
-import os
 import signal
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,19 +21,14 @@ from twisted.internet import defer, reactor, task
 from components.core.settings import Settings, load_settings
 from components.ops import router_config
 from components.ops.credentials import CredentialStore
-from components.ops.launcher import crossbar_argv, wait_for_port
+from components.ops.launcher import crossbar_argv
+from components.ops.supervisor import Child, ServiceSpec
+from components.ops.waiting import Deadline, free_port
 from components.wamp.connection import device_auth, make_component, ticket_auth
 
 REPO = Path(__file__).resolve().parents[2]
 ROUTER_START_S = 60.0
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
+COMPONENT_START_S = 60.0
 
 
 def write_config(root: Path, port: int, overrides: Mapping[str, Mapping[str, Any]] | None = None) -> Path:
@@ -84,74 +77,35 @@ def derive_settings(base: Settings, root: Path, overrides: Mapping[str, Any] | N
 
 
 @dataclass
-class RouterProcess:
-    """A Crossbar router started from the project's router/config.json with test settings applied."""
+class Supervised:
+    """A process of a test, run by the project's supervisor (components.ops.supervisor), never restarted."""
 
-    settings: Settings
-    proc: subprocess.Popen[bytes] | None = None
-    log_path: Path = field(init=False)
+    spec: ServiceSpec
+    child: Child = field(init=False)
 
     def __post_init__(self) -> None:
-        self.log_path = Path(self.settings.paths.run_dir) / "router.log"
+        self.child = Child(self.spec)
 
-    def start(self) -> RouterProcess:
-        """Start and wait until the web transport accepts connections."""
-        node_dir = router_config.write_node_dir(self.settings)
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(crossbar_argv(node_dir), stdout=log, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL, start_new_session=True)
-        try:
-            wait_for_port("127.0.0.1", self.settings.router.listen_port, time.monotonic() + ROUTER_START_S,
-                          self.proc)
-        except Exception:
-            self.stop()
-            raise RuntimeError(f"router did not start; log:\n{self.log()[-4000:]}") from None
-        return self
+    @property
+    def name(self) -> str:
+        """Its name (the log file's too)."""
+        return self.spec.name
 
-    def stop(self) -> int | None:
-        """Stop cleanly (SIGINT), kill after a deadline; return the exit code."""
-        if self.proc is None:
-            return None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-        return self.proc.returncode
+    @property
+    def proc(self) -> subprocess.Popen[bytes] | None:
+        """The current process (None before the first start)."""
+        return self.child.proc
 
-    def kill(self) -> None:
-        """SIGKILL the router and its workers."""
-        if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
+    @property
+    def log_path(self) -> Path | None:
+        """Where its output goes."""
+        return self.spec.log_path
 
-    def log(self) -> str:
-        """What the router logged so far."""
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
-
-@dataclass
-class ComponentProcess:
-    """A component or device process (``python -m components storage`` and the like)."""
-
-    name: str
-    argv: list[str]
-    env: dict[str, str] | None = None
-    log_path: Path | None = None
-    proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> ComponentProcess:
-        """Start it; output goes to ``log_path``."""
-        assert self.log_path is not None
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        env = dict(os.environ, **(self.env or {}))
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                         env=env, start_new_session=True, cwd=REPO)
-        return self
+    def launch(self) -> None:
+        """Start it (again); its output is appended to its log."""
+        assert self.spec.log_path is not None
+        self.spec.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self.child.start()
 
     def signal(self, signum: int) -> None:
         """Send a signal."""
@@ -164,27 +118,20 @@ class ComponentProcess:
         return self.proc.wait(timeout)
 
     def stop(self, timeout: float = 30) -> int | None:
-        """SIGTERM and wait (SIGKILL after the timeout)."""
-        if self.proc is None:
-            return None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode
+        """Its stop signal, then SIGKILL after ``timeout``; the exit code."""
+        return self.child.stop(timeout)
 
     def kill(self) -> None:
-        """SIGKILL."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
+        """SIGKILL it and whatever it started."""
+        self.child.kill()
 
     def log(self) -> str:
         """What it printed so far."""
-        return self.log_path.read_text(errors="replace") if self.log_path and self.log_path.exists() else ""
+        return self.child.log()
+
+    def log_size(self) -> int:
+        """Current length of the log (to wait for a line logged after now)."""
+        return len(self.log())
 
     @defer.inlineCallbacks
     def wait_for_log(self, needle: str, timeout: float = 60.0, after: int = 0) -> Any:
@@ -197,32 +144,82 @@ class ComponentProcess:
         yield wait_until(seen, timeout, 0.05, f"{self.name} to log {needle!r}")
         return self
 
-    def log_size(self) -> int:
-        """Current length of the log (to wait for a line logged after now)."""
-        return len(self.log())
+    @defer.inlineCallbacks
+    def wait_ready(self, timeout: float = COMPONENT_START_S) -> Any:
+        """Wait (without blocking the reactor) for its ready line (``{"ready": name, ...}``)."""
+        def ready() -> bool:
+            if self.child.ready.is_set():
+                return True
+            if self.proc is not None and self.proc.poll() is not None:
+                raise AssertionError(f"{self.name} exited ({self.proc.returncode}) before it was ready:\n"
+                                     f"{self.log()[-3000:]}")
+            return False
+        yield wait_until(ready, timeout, 0.05, f"{self.name} to be ready")
+        return self
+
+
+class RouterProcess(Supervised):
+    """A Crossbar router started from the project's router/config.json with test settings applied."""
+
+    def __init__(self, settings: Settings) -> None:
+        """Not started yet: :meth:`start`."""
+        self.settings = settings
+        port = settings.router.listen_port
+        super().__init__(ServiceSpec("router", (), Path(settings.paths.run_dir) / "router.log", signal.SIGINT,
+                                     restart=False, ready_port=port))
+
+    def start(self) -> RouterProcess:
+        """Start and wait until the web transport accepts connections."""
+        node_dir = router_config.write_node_dir(self.settings)
+        self.child.spec = self.spec = dataclasses.replace(self.spec, argv=crossbar_argv(node_dir))
+        self.launch()
+        try:
+            self.child.wait_ready(ROUTER_START_S)
+        except Exception:
+            self.stop()
+            raise RuntimeError(f"router did not start; log:\n{self.log()[-4000:]}") from None
+        return self
+
+
+class ComponentProcess(Supervised):
+    """A component or device process (``python -m components storage`` and the like)."""
+
+    def __init__(self, name: str, argv: list[str], env: dict[str, str] | None = None, log_path: Path | None = None,
+                 announces: str | None = None) -> None:
+        """Not started yet: :meth:`start`; ``announces`` is the name in its ready line, if it prints one."""
+        super().__init__(ServiceSpec(name, argv, log_path, env=env, restart=False, cwd=REPO, announces=announces))
+
+    def start(self) -> ComponentProcess:
+        """Start it; output goes to ``log_path``."""
+        self.launch()
+        return self
 
 
 def python_process(settings: Settings, name: str, module: str, *args: str, env: dict[str, str] | None = None
                    ) -> ComponentProcess:
-    """``python -m <module> --config <test config> <args>`` with its log in the run folder."""
+    """``python -m <module> --config <test config> <args>`` with its log in the run folder.
+
+    ``python -m components storage|query`` announces its readiness (:meth:`Supervised.wait_ready`).
+    """
     argv = [sys.executable, "-m", module, "--config", settings.config_path, *args]
     log_path = Path(settings.paths.run_dir) / f"{name}.log"
-    return ComponentProcess(name, argv, env, log_path)
+    announces = args[0] if module == "components" and args and args[0] in ("storage", "query") else None
+    return ComponentProcess(name, argv, env, log_path, announces)
 
 
 @defer.inlineCallbacks
 def start_storage(settings: Settings, name: str = "storage", env: dict[str, str] | None = None) -> Any:
-    """A storage process, once it has subscribed."""
+    """A storage process, once it is ready (subscribed)."""
     proc = python_process(settings, name, "components", "storage", env=env).start()
-    yield proc.wait_for_log("storage subscribed")
+    yield proc.wait_ready()
     return proc
 
 
 @defer.inlineCallbacks
 def start_query(settings: Settings, name: str = "query", env: dict[str, str] | None = None) -> Any:
-    """A query callee process, once it has registered its procedures."""
+    """A query callee process, once it is ready (its procedures registered)."""
     proc = python_process(settings, name, "components", "query", env=env).start()
-    yield proc.wait_for_log("query callee registered")
+    yield proc.wait_ready()
     return proc
 
 
@@ -300,15 +297,18 @@ class Collector:
 @defer.inlineCallbacks
 def wait_until(condition: Callable[[], Any], timeout: float = 30.0, interval: float = 0.05,
                message: str = "condition") -> Any:
-    """Poll ``condition`` (sync, or returning a Deferred) until truthy; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
+    """Poll ``condition`` (sync, or returning a Deferred) until truthy; fail after ``timeout`` seconds.
+
+    The reactor's flavour of components.ops.waiting.wait_until: it yields to the reactor between looks.
+    """
+    deadline = Deadline(timeout)
     while True:
         result = condition()
         if isinstance(result, defer.Deferred):
             result = yield result
         if result:
             return result
-        if time.monotonic() > deadline:
+        if deadline.passed():
             raise AssertionError(f"timed out after {timeout}s waiting for {message}")
         yield task.deferLater(reactor, interval, lambda: None)
 

@@ -24,6 +24,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from components.core.settings import StorageSettings
 from components.ops import dynamodb_local
+from components.ops.waiting import free_port
 from components.storage.dynamo import DynamoBatchStore
 from components.storage.interface import BatchStore
 from components.storage.memory import MemoryBatchStore
@@ -44,14 +45,6 @@ class DynamoServer:
 
     endpoint: str
     flavour: str
-
-
-def free_port() -> int:
-    """A TCP port free on 127.0.0.1 right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def _accepts(port: int) -> bool:

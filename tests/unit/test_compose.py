@@ -29,7 +29,6 @@ from components.core.ingest import shard_of
 from components.core.settings import Settings, known_env_vars, load_settings
 from components.ops import router_config
 from devices.__main__ import _parser as devices_parser
-from components.core.settings import simulated_ids
 from tests.support.harness import REPO
 
 COMPOSE = Path(sys.executable).with_name("docker-compose")

@@ -17,6 +17,7 @@ from components.core.query import QueryService
 from components.core.readings import Columns
 from components.storage.sqlite import SqliteBatchStore
 from components.wamp import uris
+from components.wamp.subscriber import deliver
 from tests.support.corefill import BATCHING, QUERY, STORAGE, fill, ingest, new_ring
 
 H = "humidity"
@@ -45,7 +46,7 @@ def reading(i: int, seq: bool = True, **extra) -> dict:
 
 
 def stored(store, ring) -> list[dict]:
-    return QueryService(QUERY, store, lambda: ring).call(uris.FETCH_ALL, [], {})
+    return QueryService(QUERY, store, lambda: ring).fetch_all()
 
 
 def batch_sizes(store) -> list[int]:
@@ -56,7 +57,7 @@ def test_a_batch_closes_at_the_readings_limit(store) -> None:
     ring = new_ring()
     ing = ingest(store, ring, batching=dataclasses.replace(BATCHING, max_readings=5))
     for i in range(1, 13):
-        ing.service.ingest(uris.sensor_topic("1", H), reading(i), 1.0)
+        ing.service.ingest("1", H, reading(i), 1.0)
     ing.flush()
     assert batch_sizes(store) == [2, 5, 5]
     assert [r["seq"] for r in stored(store, ring)] == list(range(1, 13))
@@ -66,7 +67,7 @@ def test_a_batch_closes_at_the_bytes_limit(store) -> None:
     ring = new_ring()
     ing = ingest(store, ring, batching=dataclasses.replace(BATCHING, max_bytes=4096))
     for i in range(1, 5):
-        ing.service.ingest(uris.sensor_topic("1", H), reading(i, data={"blob": "x" * 1500}), 1.0)
+        ing.service.ingest("1", H, reading(i, data={"blob": "x" * 1500}), 1.0)
     ing.flush()
     assert batch_sizes(store) == [1, 3]
 
@@ -75,13 +76,13 @@ def test_a_batch_closes_at_the_age_limit(store) -> None:
     ring = new_ring()
     clock = Clock()
     ing = ingest(store, ring, batching=dataclasses.replace(BATCHING, max_age_s=1.0), clock=clock)
-    ing.service.ingest(uris.sensor_topic("1", H), reading(1), 1.0)
+    ing.service.ingest("1", H, reading(1), 1.0)
     clock.t += 0.5
     ing.service.tick()
-    ing.service.ingest(uris.sensor_topic("1", H), reading(2), 1.0)
+    ing.service.ingest("1", H, reading(2), 1.0)
     clock.t += 0.6
     ing.service.tick()  # the batch opened 1.1 s ago: closes with both readings
-    ing.service.ingest(uris.sensor_topic("1", H), reading(3), 1.0)
+    ing.service.ingest("1", H, reading(3), 1.0)
     ing.flush()
     assert batch_sizes(store) == [1, 2]
 
@@ -108,10 +109,9 @@ def test_when_the_writer_is_behind_readings_are_shed_counted_and_not_acknowledge
     ing = ingest(slow, ring, storage=dataclasses.replace(STORAGE, writer_queue=2),
                  batching=dataclasses.replace(BATCHING, max_readings=10))
     svc = ing.service
-    topic = uris.sensor_topic("1", H)
     seq = 0
     for _ in range(100):  # 100 events of 10 readings, far more than 1 batch in the writer + 2 queued + 1 held
-        svc.ingest(topic, [reading(seq + k + 1) for k in range(10)], 1.0)
+        svc.ingest("1", H, [reading(seq + k + 1) for k in range(10)], 1.0)
         seq += 10
     stats = svc.stats()
     assert stats["shed"] > 0 and stats["received"] == 1000
@@ -129,12 +129,11 @@ def test_duplicates_gaps_and_refused_readings_follow_the_seq_rules(store) -> Non
     ring = new_ring()
     ing = ingest(store, ring)
     svc = ing.service
-    t = uris.sensor_topic("7", H)
-    svc.ingest(t, [reading(1), reading(2), reading(3)], 1.0)
-    svc.ingest(t, [reading(2), reading(3)], 1.0)  # duplicates
-    svc.ingest(t, [reading(6)], 1.0)  # a gap: 4 and 5 missing
-    svc.ingest(t, [reading(4, value="bad")], 1.0)  # refused, but uses up seq 4
-    svc.ingest(t, [reading(5), reading(6)], 1.0)
+    svc.ingest("7", H, [reading(1), reading(2), reading(3)], 1.0)
+    svc.ingest("7", H, [reading(2), reading(3)], 1.0)  # duplicates
+    svc.ingest("7", H, [reading(6)], 1.0)  # a gap: 4 and 5 missing
+    svc.ingest("7", H, [reading(4, value="bad")], 1.0)  # refused, but uses up seq 4
+    svc.ingest("7", H, [reading(5), reading(6)], 1.0)
     ing.flush()
     assert [r["seq"] for r in stored(store, ring)] == [1, 2, 3, 5, 6]
     stats = svc.stats()
@@ -146,7 +145,7 @@ def test_duplicates_gaps_and_refused_readings_follow_the_seq_rules(store) -> Non
 def test_a_device_must_start_its_seq_at_one(store) -> None:
     ring = new_ring()
     ing = ingest(store, ring)
-    ing.service.ingest(uris.sensor_topic("8", H), [reading(5)], 1.0)
+    ing.service.ingest("8", H, [reading(5)], 1.0)
     ing.flush()
     assert stored(store, ring) == [] and ing.service.stats()["out_of_order"] == 1
 
@@ -156,7 +155,7 @@ def test_de_duplication_survives_a_restart_and_resent_duplicates_are_acknowledge
     t = uris.sensor_topic("7", H)
     fill(store, ring, [(t, [reading(1), reading(2)], 1.0)])
     again = ingest(store, ring)
-    again.service.ingest(t, [reading(1), reading(2), reading(3)], 2.0)
+    again.service.ingest("7", H, [reading(1), reading(2), reading(3)], 2.0)
     assert again.service.tick() == {("7", None): 2}  # re-ack of what was committed before the restart
     again.flush()
     assert [r["seq"] for r in stored(store, ring)] == [1, 2, 3]
@@ -170,7 +169,7 @@ def test_a_device_that_lost_its_spool_starts_a_new_epoch_and_loses_nothing(store
     fill(store, ring, [(t, old, 1.0)])  # a device without epoch (an older version), seq 1..100
     again = ingest(store, ring)
     new = [{"value": -float(i), "ts": 900.0 + i, "seq": i} for i in range(1, 11)]  # re-flashed: seq from 1
-    again.service.ingest(t, new, 2.0, epoch="e2")
+    again.service.ingest("7", H, new, 2.0, epoch="e2")
     assert again.service.tick() == {}  # not taken for duplicates of the old sequence
     again.flush()
     got = stored(store, ring)
@@ -178,11 +177,11 @@ def test_a_device_that_lost_its_spool_starts_a_new_epoch_and_loses_nothing(store
     assert again.acks[-1] == {("7", "e2"): 10}  # the ack names the new epoch
 
     third = ingest(store, ring)  # after a restart: both sequences are known
-    third.service.ingest(t, new[5:], 3.0, epoch="e2")  # late resends of each epoch: duplicates
-    third.service.ingest(t, old[90:], 3.0)
+    third.service.ingest("7", H, new[5:], 3.0, epoch="e2")  # late resends of each epoch: duplicates
+    third.service.ingest("7", H, old[90:], 3.0)
     assert third.service.tick() == {("7", "e2"): 10, ("7", None): 100}
     newer = [{"value": 1.5, "ts": 990.0 + i, "seq": i} for i in range(1, 4)]
-    third.service.ingest(t, newer, 3.0, epoch="e3")  # and a third spool
+    third.service.ingest("7", H, newer, 3.0, epoch="e3")  # and a third spool
     third.flush()
     assert len(stored(store, ring)) == 113
     assert third.service.stats()["duplicates"] == 15
@@ -192,9 +191,9 @@ def test_a_device_that_lost_its_spool_starts_a_new_epoch_and_loses_nothing(store
 def test_an_event_with_a_malformed_epoch_is_refused_and_counted(store) -> None:
     ring = new_ring()
     ing = ingest(store, ring)
-    ing.service.ingest(uris.sensor_topic("7", H), [reading(1), reading(2)], 1.0, epoch="Not Valid!")
-    ing.service.ingest(uris.sensor_topic("7", H), [reading(1)], 1.0, epoch=["e"])
-    ing.service.ingest(uris.sensor_topic("8", H), [reading(1)], 1.0, epoch="ok")
+    ing.service.ingest("7", H, [reading(1), reading(2)], 1.0, epoch="Not Valid!")
+    ing.service.ingest("7", H, [reading(1)], 1.0, epoch=["e"])
+    ing.service.ingest("8", H, [reading(1)], 1.0, epoch="ok")
     ing.flush()
     assert [r["device_id"] for r in stored(store, ring)] == ["8"]
     assert ing.service.stats()["rejected"] == {rd.BAD_EPOCH: 3}
@@ -213,15 +212,15 @@ def test_bad_input_is_counted_by_reason_and_spoils_nothing_else(store, caplog) -
     ing = ingest(store, ring, clock=clock)
     svc = ing.service
     good = {"value": 1.0, "ts": 10.0}
-    svc.ingest(uris.sensor_topic("7", H), [good, {"value": "x", "ts": 1.0}, {"ts": 2.0}, 5, good], 1.0)
-    svc.ingest(uris.sensor_topic("7", H), {**good, "device_id": "8"}, 1.0)
-    svc.ingest("iot.sensor.Bad-Id.humidity", good, 1.0)
-    svc.ingest("iot.sensor.7", good, 1.0)
-    svc.ingest(uris.sensor_topic("7", H), None, 1.0)
-    svc.ingest(uris.sensor_topic("7", H), [], 1.0)
+    svc.ingest("7", H, [good, {"value": "x", "ts": 1.0}, {"ts": 2.0}, 5, good], 1.0)
+    svc.ingest("7", H, {**good, "device_id": "8"}, 1.0)
+    deliver(svc, "iot.sensor.Bad-Id.humidity", good, 1.0)
+    deliver(svc, "iot.sensor.7", good, 1.0)
+    svc.ingest("7", H, None, 1.0)
+    svc.ingest("7", H, [], 1.0)
     with caplog.at_level(logging.WARNING, logger="components.core.ingest"):
         for _ in range(50):  # many more refusals within the same second: still one log line per interval
-            svc.ingest(uris.sensor_topic("7", H), {"value": float("nan"), "ts": 1.0}, 1.0)
+            svc.ingest("7", H, {"value": float("nan"), "ts": 1.0}, 1.0)
             svc.tick()
         clock.t += 1.5
         svc.tick()
