@@ -82,28 +82,19 @@ def test_a_wrong_device_key_or_ticket_is_refused(router, router_settings) -> Non
 
 
 @pytest_twisted.inlineCallbacks
-def test_a_device_cannot_publish_as_another_device_and_nothing_is_stored(router, router_settings, tmp_path) -> None:
-    s = derive_settings(router_settings, tmp_path)
-    storage = yield start_storage(s)
-    query = yield start_query(s)
-    a = yield as_device(s, "1")
-    reader = yield as_principal(s, "dashboard")
-    try:
-        with pytest.raises(ApplicationError) as err:
-            yield a.publish(uris.sensor_topic("2", "humidity"), {"value": 1.0, "ts": 1.0}, options=ACK)
-        assert err.value.error == NOT_AUTHORIZED
-        with pytest.raises(ApplicationError) as err:
-            yield a.subscribe(lambda *x: None, uris.ack_topic("2"))
-        assert err.value.error == NOT_AUTHORIZED
-        yield a.publish(uris.sensor_topic("1", "humidity"), {"value": 2.0, "ts": 2.0}, options=ACK)  # its own
-        yield a.subscribe(lambda *x: None, uris.ack_topic("1"))
-        yield wait_until(lambda: reader.call(uris.GET_STATS).addCallback(lambda st: st["stored"] == 1), 20)
-        stored = yield reader.call(uris.FETCH_ALL)
-    finally:
-        yield a.close()
-        yield reader.close()
-        query.stop()
-        storage.stop()
+def test_a_device_cannot_publish_as_another_device_and_nothing_is_stored(running_stack) -> None:
+    reader = running_stack.reader
+    a = yield running_stack.device("1")
+    with pytest.raises(ApplicationError) as err:
+        yield a.publish(uris.sensor_topic("2", "humidity"), {"value": 1.0, "ts": 1.0}, options=ACK)
+    assert err.value.error == NOT_AUTHORIZED
+    with pytest.raises(ApplicationError) as err:
+        yield a.subscribe(lambda *x: None, uris.ack_topic("2"))
+    assert err.value.error == NOT_AUTHORIZED
+    yield a.publish(uris.sensor_topic("1", "humidity"), {"value": 2.0, "ts": 2.0}, options=ACK)  # its own
+    yield a.subscribe(lambda *x: None, uris.ack_topic("1"))
+    yield wait_until(lambda: reader.call(uris.GET_STATS).addCallback(lambda st: st["stored"] == 1), 20)
+    stored = yield reader.call(uris.FETCH_ALL)
     assert [(r["device_id"], r["value"]) for r in stored] == [("1", 2.0)]
 
 

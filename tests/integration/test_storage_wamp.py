@@ -40,23 +40,17 @@ def count_of(stats_call):
     return stats_call.addCallback(lambda s: s["stored"])
 
 
+@pytest.mark.stack(batching={"max_readings": 50})
 @pytest_twisted.inlineCallbacks
-def test_simulated_readings_are_stored_exactly_once_and_decrypt_to_what_was_sent(router, router_settings, tmp_path):
-    s = derive_settings(router_settings, tmp_path, {"batching": {"max_readings": 50}})
-    storage = yield start_storage(s)
-    query = yield start_query(s)
-    reader = yield as_principal(s, "dashboard")
-    try:
-        plan = SimulationPlan(device_ids=["0", "1", "2"], sensor_types=["humidity", "temperature"], rate=500.0,
-                              count=40, seed=7, batch=5)
-        yield simulate(reactor, s, plan)
-        yield wait_until(lambda: count_of(reader.call(uris.GET_STATS)).addCallback(lambda n: n >= 240), 30,
-                         message="240 readings stored")
-        got = yield reader.call(uris.FETCH_ALL)
-    finally:
-        yield reader.close()
-        query.stop()
-        assert storage.stop() == 0
+def test_simulated_readings_are_stored_exactly_once_and_decrypt_to_what_was_sent(running_stack):
+    s, reader = running_stack.settings, running_stack.reader
+    plan = SimulationPlan(device_ids=["0", "1", "2"], sensor_types=["humidity", "temperature"], rate=500.0,
+                          count=40, seed=7, batch=5)
+    yield simulate(reactor, s, plan)
+    yield wait_until(lambda: count_of(reader.call(uris.GET_STATS)).addCallback(lambda n: n >= 240), 30,
+                     message="240 readings stored")
+    got = yield reader.call(uris.FETCH_ALL)
+    assert running_stack.storage.stop() == 0
     assert len(got) == 240
     for device_id in plan.device_ids:
         for sensor_type in plan.sensor_types:
@@ -64,35 +58,25 @@ def test_simulated_readings_are_stored_exactly_once_and_decrypt_to_what_was_sent
             # exactly once, and the values are the ones the seeded simulator sent, in order
             assert sorted(r["value"] for r in mine) == sorted(SensorSeries(7, device_id, sensor_type).take(40))
             assert len({r["ts"] for r in mine}) == 40
-    assert "Traceback" not in storage.log()
+    assert "Traceback" not in running_stack.storage.log()
 
 
 @pytest_twisted.inlineCallbacks
-def test_a_reading_published_twice_with_the_same_seq_is_stored_once_and_acknowledged(router, router_settings,
-                                                                                      tmp_path):
-    s = derive_settings(router_settings, tmp_path)
-    storage = yield start_storage(s)
-    query = yield start_query(s)
-    device = yield as_device(s, "2")
-    reader = yield as_principal(s, "dashboard")
+def test_a_reading_published_twice_with_the_same_seq_is_stored_once_and_acknowledged(running_stack):
+    reader = running_stack.reader
+    device = yield running_stack.device("2")
     acks = Collector()
-    try:
-        yield device.subscribe(acks, uris.ack_topic("2"))
-        readings = [{"value": 1.0 + i, "ts": 1000.0 + i, "seq": i + 1} for i in range(3)]
-        yield device.publish(uris.sensor_topic("2", "humidity"), readings, options=ACK)
-        yield wait_until(lambda: ({"seq": 3} in [p for _, p in acks.events]), 20, message="ack of seq 3")
-        yield device.publish(uris.sensor_topic("2", "humidity"), readings, options=ACK)
-        # the duplicate is acknowledged again (the device may have missed the first ack) ...
-        yield wait_until(lambda: [p for _, p in acks.events].count({"seq": 3}) >= 2, 20, message="re-ack")
-        # counters reach the store at most a second later
-        yield wait_until(lambda: reader.call(uris.GET_STATS).addCallback(lambda st: st["duplicates"] == 3), 20,
-                         message="3 duplicates counted")
-        stored = yield reader.call(uris.FETCH_ALL, device_id="2")
-    finally:
-        yield device.close()
-        yield reader.close()
-        query.stop()
-        storage.stop()
+    yield device.subscribe(acks, uris.ack_topic("2"))
+    readings = [{"value": 1.0 + i, "ts": 1000.0 + i, "seq": i + 1} for i in range(3)]
+    yield device.publish(uris.sensor_topic("2", "humidity"), readings, options=ACK)
+    yield wait_until(lambda: ({"seq": 3} in [p for _, p in acks.events]), 20, message="ack of seq 3")
+    yield device.publish(uris.sensor_topic("2", "humidity"), readings, options=ACK)
+    # the duplicate is acknowledged again (the device may have missed the first ack) ...
+    yield wait_until(lambda: [p for _, p in acks.events].count({"seq": 3}) >= 2, 20, message="re-ack")
+    # counters reach the store at most a second later
+    yield wait_until(lambda: reader.call(uris.GET_STATS).addCallback(lambda st: st["duplicates"] == 3), 20,
+                     message="3 duplicates counted")
+    stored = yield reader.call(uris.FETCH_ALL, device_id="2")
     # ... and stored once
     assert [r["seq"] for r in stored] == [1, 2, 3]
 
@@ -214,35 +198,25 @@ def test_the_sqlite_file_holds_no_device_id_value_or_freeform_data_in_clear(rout
 
 
 @pytest_twisted.inlineCallbacks
-def test_rekey_while_the_stack_runs_leaves_everything_readable_under_the_new_key_only(router, router_settings,
-                                                                                     tmp_path):
-    s = derive_settings(router_settings, tmp_path)
-    storage = yield start_storage(s)
-    query = yield start_query(s)
-    device = yield as_device(s, "2")
-    reader = yield as_principal(s, "dashboard")
-    try:
-        for i in range(5):
-            yield device.publish(uris.sensor_topic("2", "humidity"), {"value": float(i), "ts": 100.0 + i},
-                                 options=ACK)
-        yield wait_until(lambda: count_of(reader.call(uris.GET_STATS)).addCallback(lambda n: n == 5), 20)
-        old_key = KeyFile(s.keys.file).load().active_id
-        rekey = subprocess.Popen([sys.executable, "-m", "components", "--config", s.config_path, "rekey",
-                                  "--grace", "1.5"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=REPO)
-        for i in range(5, 10):  # storage keeps writing during the rotation
-            yield device.publish(uris.sensor_topic("2", "humidity"), {"value": float(i), "ts": 100.0 + i},
-                                 options=ACK)
-        out, _ = yield threads.deferToThread(rekey.communicate, timeout=120)
-        yield wait_until(lambda: count_of(reader.call(uris.GET_STATS)).addCallback(lambda n: n == 10), 20)
-        # a reading stored after the rotation is sealed with the new key too
-        yield device.publish(uris.sensor_topic("2", "humidity"), {"value": 10.0, "ts": 110.0}, options=ACK)
-        yield wait_until(lambda: count_of(reader.call(uris.GET_STATS)).addCallback(lambda n: n == 11), 20)
-        got = yield reader.call(uris.FETCH_ALL)
-    finally:
-        yield device.close()
-        yield reader.close()
-        query.stop()
-        storage.stop()
+def test_rekey_while_the_stack_runs_leaves_everything_readable_under_the_new_key_only(running_stack):
+    s, reader = running_stack.settings, running_stack.reader
+    device = yield running_stack.device("2")
+    for i in range(5):
+        yield device.publish(uris.sensor_topic("2", "humidity"), {"value": float(i), "ts": 100.0 + i},
+                             options=ACK)
+    yield wait_until(lambda: count_of(reader.call(uris.GET_STATS)).addCallback(lambda n: n == 5), 20)
+    old_key = KeyFile(s.keys.file).load().active_id
+    rekey = subprocess.Popen([sys.executable, "-m", "components", "--config", s.config_path, "rekey",
+                              "--grace", "1.5"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=REPO)
+    for i in range(5, 10):  # storage keeps writing during the rotation
+        yield device.publish(uris.sensor_topic("2", "humidity"), {"value": float(i), "ts": 100.0 + i},
+                             options=ACK)
+    out, _ = yield threads.deferToThread(rekey.communicate, timeout=120)
+    yield wait_until(lambda: count_of(reader.call(uris.GET_STATS)).addCallback(lambda n: n == 10), 20)
+    # a reading stored after the rotation is sealed with the new key too
+    yield device.publish(uris.sensor_topic("2", "humidity"), {"value": 10.0, "ts": 110.0}, options=ACK)
+    yield wait_until(lambda: count_of(reader.call(uris.GET_STATS)).addCallback(lambda n: n == 11), 20)
+    got = yield reader.call(uris.FETCH_ALL)
     assert rekey.returncode == 0, out
     ring = KeyFile(s.keys.file).load()
     assert list(ring.keys) == [ring.active_id] and ring.active_id != old_key
@@ -253,24 +227,15 @@ def test_rekey_while_the_stack_runs_leaves_everything_readable_under_the_new_key
 
 
 @pytest_twisted.inlineCallbacks
-def test_stats_count_what_storage_received_stored_and_refused(router, router_settings, tmp_path):
-    s = derive_settings(router_settings, tmp_path)
-    storage = yield start_storage(s)
-    query = yield start_query(s)
-    device = yield as_device(s, "0")
-    reader = yield as_principal(s, "dashboard")
-    try:
-        yield device.publish(uris.sensor_topic("0", "humidity"),
-                             [{"value": 1.0, "ts": 1.0}, {"value": "NaN?", "ts": 2.0}, {"value": 3.0}], options=ACK)
-        yield device.publish(uris.sensor_topic("0", "humidity"), {"value": 1.0, "ts": 1.0, "sensor_type": "temp"},
-                             options=ACK)
-        stats = yield wait_until(lambda: reader.call(uris.GET_STATS).addCallback(
-            lambda st: st if st["received"] == 4 and st["stored"] == 1 else None), 20, message="stats")
-    finally:
-        yield device.close()
-        yield reader.close()
-        query.stop()
-        storage.stop()
+def test_stats_count_what_storage_received_stored_and_refused(running_stack):
+    reader = running_stack.reader
+    device = yield running_stack.device("0")
+    yield device.publish(uris.sensor_topic("0", "humidity"),
+                         [{"value": 1.0, "ts": 1.0}, {"value": "NaN?", "ts": 2.0}, {"value": 3.0}], options=ACK)
+    yield device.publish(uris.sensor_topic("0", "humidity"), {"value": 1.0, "ts": 1.0, "sensor_type": "temp"},
+                         options=ACK)
+    stats = yield wait_until(lambda: reader.call(uris.GET_STATS).addCallback(
+        lambda st: st if st["received"] == 4 and st["stored"] == 1 else None), 20, message="stats")
     assert stats["rejected"] == {"value_not_number": 1, "ts_missing": 1, "sensor_type_mismatch": 1}
     assert stats["batches"] == 1 and stats["bytes"] > 0 and stats["queue_depth"] == 0
     assert stats["duplicates"] == 0 and stats["shed"] == 0
