@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import time
 import uuid
@@ -24,7 +23,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from components.core.settings import StorageSettings
 from components.ops import dynamodb_local
-from components.ops.waiting import free_port
+from components.ops.waiting import free_port, wait_until
 from components.storage.dynamo import DynamoBatchStore
 from components.storage.interface import BatchStore
 from components.storage.memory import MemoryBatchStore
@@ -47,14 +46,6 @@ class DynamoServer:
     flavour: str
 
 
-def _accepts(port: int) -> bool:
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-        return True
-    except OSError:
-        return False
-
-
 def _admin(endpoint: str) -> Any:
     return boto3.client("dynamodb", endpoint_url=endpoint, region_name="us-east-1",
                         config=Config(connect_timeout=2, read_timeout=10, retries={"total_max_attempts": 1}),
@@ -65,16 +56,22 @@ def _admin(endpoint: str) -> Any:
 def _wait_until_serving(endpoint: str, deadline: float, alive: Any) -> None:
     """Poll until the server answers ListTables (the port opens a moment before the service is ready)."""
     client = _admin(endpoint)
-    last: Exception | None = None
-    while time.monotonic() < deadline:
+    last: list[Exception] = []
+
+    def answers() -> bool:
         alive()
         try:
             client.list_tables(Limit=1)
-            return
+            return True
         except BotoCoreError as err:  # not up yet: connection refused or reset (a ClientError is a real answer)
-            last = err
-            time.sleep(0.05)  # poll interval, bounded by the deadline
-    raise TimeoutError(f"local DynamoDB at {endpoint} did not answer within {START_DEADLINE_S}s: {last}")
+            last[:] = [err]
+            return False
+
+    try:
+        wait_until(answers, deadline - time.monotonic(), f"local DynamoDB at {endpoint}")
+    except TimeoutError:
+        raise TimeoutError(f"local DynamoDB at {endpoint} did not answer within {START_DEADLINE_S}s: "
+                           f"{last[0] if last else ''}") from None
 
 
 def _dynamodb_local(jar: Path, log_path: Path) -> Iterator[DynamoServer]:
