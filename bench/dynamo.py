@@ -102,7 +102,7 @@ def start_dynamodb(procs: Procs, opts: Options) -> tuple[Child, str] | None:
     client = boto3.client("dynamodb", endpoint_url=endpoint, region_name="us-east-1",
                           config=Config(connect_timeout=1, read_timeout=5, retries={"total_max_attempts": 1}))
     def answers() -> bool:
-        if not child.alive():
+        if not child.running:
             raise RuntimeError(f"DynamoDB Local exited:\n{child.log()[-3000:]}")
         try:
             client.list_tables(Limit=1)

@@ -80,10 +80,7 @@ def provision(settings: Settings, devices: Sequence[str] = ()) -> None:
 
 def child_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     """The environment of a child: this one without ``IOT_*`` overrides (so runs are reproducible)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("IOT_")}
-    env["PYTHONUNBUFFERED"] = "1"
-    env.update(extra or {})
-    return env
+    return {k: v for k, v in os.environ.items() if not k.startswith("IOT_")} | dict(extra or {})
 
 
 def python_module(module: str, *args: str) -> list[str]:
@@ -158,7 +155,7 @@ def expect_alive(*children: Child) -> Callable[[], None]:
     """A check that raises if any of ``children`` has exited."""
     def check() -> None:
         for c in children:
-            if not c.alive():
+            if not c.running:
                 assert c.proc is not None
                 raise RuntimeError(f"{c.name} exited early ({c.proc.returncode}):\n{c.log()[-3000:]}")
     return check

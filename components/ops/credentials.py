@@ -120,20 +120,14 @@ class CredentialStore:
     def ticket(self, authid: str) -> str:
         """The ticket a service logs in with."""
         path = self.ticket_file(authid)
-        try:
-            return path.read_text(encoding="utf-8").strip()
-        except FileNotFoundError:
-            raise ConfigError(f"no ticket for {authid!r} at {path}: run 'python -m components secrets' "
-                              f"(make run does it on first start) or set IOT_TICKET") from None
+        return _read_secret(path, f"no ticket for {authid!r} at {path}: run 'python -m components secrets' "
+                                  f"(make run does it on first start) or set IOT_TICKET")
 
     def device_key(self, device_id: str) -> str:
         """The private key (hex seed) of a device."""
         path = self.device_key_file(device_id)
-        try:
-            return path.read_text(encoding="utf-8").strip()
-        except FileNotFoundError:
-            raise ConfigError(f"device {device_id!r} has no key at {path}: provision it with "
-                              f"'python -m components device add {device_id}'") from None
+        return _read_secret(path, f"device {device_id!r} has no key at {path}: provision it with "
+                                  f"'python -m components device add {device_id}'")
 
     def bridge_secret(self) -> dict[str, str]:
         """Key and secret of the HTTP bridge (created when missing)."""
@@ -222,3 +216,11 @@ class CredentialStore:
             self.bridge_secret()
             created.append("created HTTP bridge key and secret")
         return created
+
+
+def _read_secret(path: Path, missing: str) -> str:
+    """The one-line secret in ``path``; ConfigError with ``missing`` when there is no such file."""
+    try:
+        return path.read_text(encoding="utf-8").strip()
+    except FileNotFoundError:
+        raise ConfigError(missing) from None

@@ -21,7 +21,7 @@ from components.core.settings import Settings
 from components.ops import dynamodb_local, router_config
 from components.ops.credentials import CredentialStore
 from components.ops.supervisor import Event, ServiceSpec, Supervisor
-from components.ops.waiting import wait_for_port
+from components.ops.waiting import accepts
 
 SERVICES: tuple[str, ...] = ("storage", "query")
 """Service components started between the router and the devices (``python -m components <name>``)."""
@@ -52,12 +52,9 @@ def _local_dynamodb(settings: Settings, supervisor: Supervisor, logs: Path) -> N
     # DynamoDB Local takes any credentials, boto3 insists on some
     os.environ.setdefault("AWS_ACCESS_KEY_ID", "local")
     os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "local")
-    try:
-        wait_for_port("127.0.0.1", port, time.monotonic() + 0.5)
+    if accepts("127.0.0.1", port):
         print(f"using the DynamoDB already listening on 127.0.0.1:{port}", flush=True)
         return
-    except TimeoutError:
-        pass
     jar = dynamodb_local.find_jar()
     if jar is None:
         raise RuntimeError("the DynamoDB backend needs DynamoDB Local on this machine: run "
@@ -111,9 +108,9 @@ def run_stack(settings: Settings, with_devices: bool = True) -> int:
     try:
         _local_dynamodb(settings, supervisor, logs)
         # Crossbar exits 0 on SIGINT (1 on SIGTERM).
-        host = "127.0.0.1" if settings.router.listen_host in ("0.0.0.0", "::") else settings.router.listen_host  # noqa: S104
-        router = supervisor.start(ServiceSpec("router", crossbar_argv(node_dir), logs / "router.log",
-                                              signal.SIGINT, ready_port=settings.router.listen_port, ready_host=host))
+        router = supervisor.start(ServiceSpec("router", crossbar_argv(node_dir), logs / "router.log", signal.SIGINT,
+                                              ready_port=settings.router.listen_port,
+                                              ready_host=router_config.local_host(settings)))
         print(f"starting router on {settings.router.listen_host}:{settings.router.listen_port} "
               f"(log: {logs / 'router.log'}) ...", flush=True)
         router.wait_ready(ROUTER_START_TIMEOUT_S)

@@ -70,11 +70,15 @@ def write_node_dir(settings: Settings, config: dict[str, Any] | None = None) -> 
     return node_dir
 
 
+def local_host(settings: Settings) -> str:
+    """The address a client on the router's own host uses for ``router.listen_host`` (a wildcard: loopback)."""
+    host = settings.router.listen_host
+    return "127.0.0.1" if host in ("0.0.0.0", "::", "") else host  # noqa: S104 - a bind address turned client
+
+
 def http_base(settings: Settings) -> str:
     """Base URL of the router's web transport as seen from the router's own host (the launcher's banner)."""
-    host = settings.router.listen_host
-    if host in ("0.0.0.0", "::", ""):  # noqa: S104 - a bind address, turned into a client address here
-        host = "127.0.0.1"
+    host = local_host(settings)
     scheme = "https" if settings.router.tls_cert else "http"
     return f"{scheme}://{host}:{settings.router.listen_port}"
 

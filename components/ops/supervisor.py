@@ -129,10 +129,6 @@ class Child:
         """True while its process is alive."""
         return self.proc is not None and self.proc.poll() is None
 
-    def alive(self) -> bool:
-        """True while its process is alive (as :attr:`running`)."""
-        return self.running
-
     @property
     def pid(self) -> int:
         """The current process's id."""
@@ -218,12 +214,6 @@ class Child:
         """Wait for the current process to exit (subprocess.TimeoutExpired after ``timeout``); its exit code."""
         assert self.proc is not None
         return self.proc.wait(timeout)
-
-    def signal(self, signum: int) -> None:
-        """Send ``signum`` to the process, if it runs."""
-        if self.running:
-            assert self.proc is not None
-            self.proc.send_signal(signum)
 
     def reap(self) -> None:
         """After the process exited: kill what it left behind in its session, wait for its output to end."""
@@ -350,9 +340,3 @@ class Supervisor:
                 child.kill()
             self.children.clear()
             raise
-
-    def __enter__(self) -> Supervisor:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
