@@ -13,7 +13,7 @@ from autobahn.wamp.types import CallOptions
 from twisted.internet import threads
 
 from components.ops import dynamodb_local
-from components.ops.launcher import wait_for_port
+from components.ops.waiting import wait_for_port
 from components.wamp import uris
 from devices.simulator import SensorSeries
 from tests.support.harness import (
