@@ -1,10 +1,14 @@
 """Batches: collecting readings, sealing them into one encrypted record, opening them again.
 
-A batch's plaintext is msgpack of ``[FORMAT, groups]``; a group is the readings of one event as columns
+A write batch's plaintext is msgpack of ``[format, groups]``; a group is the readings of one event as columns
 ``[device_id, sensor_type, received_at, ts[], value[], seq[] | None, data[] | None]``, followed by the
-spool epoch of the seqs when the event named one. Keeping the
-event's columns as they arrived makes collecting cheap (no per-reading objects) and lets a query skip a
-whole group when its device or sensor type does not match.
+spool epoch of the seqs when the event named one. Keeping the event's columns as they arrived makes
+collecting cheap (no per-reading objects) and lets a query skip a whole group when its device or sensor type
+does not match. Every batch holds readings of one device group (format 2; format 1, before groups, any device).
+
+A segment (format 3) is what compaction makes of a window's batches of one group: the columnar encoding of
+:mod:`components.core.columns`, in which ``received_at`` (and the epoch) is a column of its own, so its groups
+are ``[device_id, sensor_type, received_at[], ts[], value[], seq[] | None, data[] | None, epoch[] | None]``.
 """
 
 from __future__ import annotations
@@ -16,12 +20,15 @@ from typing import Any
 
 import msgpack
 
+from components.core import columns
 from components.core.errors import DecryptionFailed
 from components.core.readings import Columns
 from components.core.sealing import KeyRing
-from components.storage.interface import BATCH, Kind, SealedBatch, SealedState
+from components.storage.interface import BATCH, EVERY_GROUP, SEGMENT, Kind, SealedBatch, SealedState
 
-FORMAT = 1
+FORMAT_ANY_DEVICE = 1
+FORMAT = 2
+SEGMENT_FORMAT = 3
 _OVERHEAD_PER_READING = 24
 _OVERHEAD_PER_GROUP = 48
 
@@ -36,10 +43,11 @@ def group_epoch(group: Group) -> str | None:
 
 @dataclass(slots=True)
 class OpenBatch:
-    """Readings of one time bucket being collected; closes on a count, bytes or age limit."""
+    """Readings of one time bucket and device group being collected; closes on a count, bytes or age limit."""
 
     bucket: int
     opened_at: float
+    group: int = EVERY_GROUP
     groups: list[Group] = field(default_factory=list)
     count: int = 0
     nbytes: int = 0
@@ -98,12 +106,12 @@ def split_batch(batch: OpenBatch, limit: int | None) -> list[OpenBatch]:
         return [batch]
     budget = limit - 64  # msgpack framing, nonce and tag
     parts: list[OpenBatch] = []
-    current, used = OpenBatch(batch.bucket, batch.opened_at), 0
+    current, used = OpenBatch(batch.bucket, batch.opened_at, batch.group), 0
     for group in batch.groups:
         for piece, size in _fitting(group, budget):
             if current.groups and used + size > budget:
                 parts.append(current)
-                current, used = OpenBatch(batch.bucket, batch.opened_at), 0
+                current, used = OpenBatch(batch.bucket, batch.opened_at, batch.group), 0
             current.add_group(piece)
             used += size
     if current.groups:
@@ -112,53 +120,86 @@ def split_batch(batch: OpenBatch, limit: int | None) -> list[OpenBatch]:
 
 
 def batch_ad(kind: Kind, uid: str, bucket: int, lo: float, hi: float, rec_lo: float, rec_hi: float, count: int,
-             key_id: str, fmt: int) -> bytes:
+             key_id: str, fmt: int, group: int = EVERY_GROUP) -> bytes:
     """Associated data: every clear field of the record, so none can change without the body failing to open.
 
     Bounds are packed as floats: a backend may hand back 1500052521 (an integer ts) as 1500052521.0.
     """
-    return b"sensorhub|" + msgpack.packb([kind, fmt, key_id, uid, int(bucket), float(lo), float(hi), float(rec_lo),
-                                          float(rec_hi), int(count)])
+    fields = [kind, fmt, key_id, uid, int(bucket), float(lo), float(hi), float(rec_lo), float(rec_hi), int(count)]
+    if fmt != FORMAT_ANY_DEVICE:
+        fields.append(int(group))
+    return b"sensorhub|" + msgpack.packb(fields)
+
+
+def _sealed(ring: KeyRing, plaintext: bytes, kind: Kind, uid: str, bucket: int, lo: float, hi: float,
+            rec_lo: float, rec_hi: float, count: int, fmt: int, group: int) -> SealedBatch:
+    kid = ring.active_id
+    key_id, body = ring.seal(plaintext, batch_ad(kind, uid, bucket, lo, hi, rec_lo, rec_hi, count, kid, fmt, group))
+    return SealedBatch(uid, int(bucket), float(lo), float(hi), float(rec_lo), float(rec_hi), count, key_id, body,
+                       fmt, group)
 
 
 def seal_groups(ring: KeyRing, groups: list[Group], bucket: int, lo: float, hi: float, rec_lo: float,
-                rec_hi: float, count: int, kind: Kind = BATCH) -> SealedBatch:
+                rec_hi: float, count: int, kind: Kind = BATCH, group: int = EVERY_GROUP) -> SealedBatch:
     """Seal groups (readings or audit entries) into one record with a fresh uid and nonce."""
-    uid = secrets.token_hex(16)
-    plaintext = msgpack.packb([FORMAT, groups])
-    kid = ring.active_id
-    key_id, body = ring.seal(plaintext, batch_ad(kind, uid, bucket, lo, hi, rec_lo, rec_hi, count, kid, FORMAT))
-    return SealedBatch(uid, int(bucket), float(lo), float(hi), float(rec_lo), float(rec_hi), count, key_id, body,
-                       FORMAT)
+    return _sealed(ring, msgpack.packb([FORMAT, groups]), kind, secrets.token_hex(16), bucket, lo, hi, rec_lo,
+                   rec_hi, count, FORMAT, group)
 
 
 def seal_batch(ring: KeyRing, batch: OpenBatch) -> SealedBatch:
     """Seal a closed batch of readings."""
     return seal_groups(ring, batch.groups, batch.bucket, batch.lo, batch.hi, batch.rec_lo, batch.rec_hi,
-                       batch.count)
+                       batch.count, group=batch.group)
+
+
+def seal_segment(ring: KeyRing, series: list[columns.Series], window: int, group: int) -> SealedBatch:
+    """Seal the series of one window and group (sorted by device, sensor type and ts) as a segment."""
+    lo = min(s[3][0] for s in series)
+    hi = max(s[3][-1] for s in series)
+    rec_lo = min(min(s[2]) for s in series)
+    rec_hi = max(max(s[2]) for s in series)
+    count = sum(len(s[3]) for s in series)
+    return _sealed(ring, columns.encode(series), SEGMENT, secrets.token_hex(16), window, lo, hi, rec_lo, rec_hi,
+                   count, SEGMENT_FORMAT, group)
+
+
+def _plaintext(ring: KeyRing, sealed: SealedBatch, kind: Kind) -> bytes:
+    return ring.open(sealed.key_id, sealed.body, batch_ad(
+        kind, sealed.uid, sealed.bucket, sealed.lo, sealed.hi, sealed.rec_lo, sealed.rec_hi, sealed.count,
+        sealed.key_id, sealed.fmt, sealed.group), f"{kind} {sealed.uid}")
+
+
+def open_segment(ring: KeyRing, sealed: SealedBatch) -> bytes:
+    """Decrypt a segment: its columnar encoding (decode it with :func:`segment_groups`)."""
+    if sealed.fmt != SEGMENT_FORMAT:
+        raise DecryptionFailed(f"segment {sealed.uid} has format {sealed.fmt}, this version reads {SEGMENT_FORMAT}")
+    return _plaintext(ring, sealed, SEGMENT)
+
+
+def segment_groups(sealed: SealedBatch, encoded: bytes, device_id: str | None = None) -> list[Group]:
+    """The groups of a decrypted segment (of one device only, when given); DecryptionFailed names the record."""
+    try:
+        return [list(s) for s in columns.decode(encoded, device_id)]
+    except ValueError as err:
+        raise DecryptionFailed(f"segment {sealed.uid} does not decode: {err}") from None
 
 
 def open_groups(ring: KeyRing, sealed: SealedBatch, kind: Kind = BATCH) -> list[Group]:
     """Decrypt and decode a record's groups; DecryptionFailed names the record."""
-    what = f"{kind} {sealed.uid}"
-    plaintext = ring.open(sealed.key_id, sealed.body, batch_ad(
-        kind, sealed.uid, sealed.bucket, sealed.lo, sealed.hi, sealed.rec_lo, sealed.rec_hi, sealed.count,
-        sealed.key_id, sealed.fmt), what)
-    fmt, groups = msgpack.unpackb(plaintext, strict_map_key=False)
-    if fmt != FORMAT:
-        raise DecryptionFailed(f"{what} has plaintext format {fmt}, this version reads {FORMAT}")
+    if kind == SEGMENT:
+        return segment_groups(sealed, open_segment(ring, sealed))
+    fmt, groups = msgpack.unpackb(_plaintext(ring, sealed, kind), strict_map_key=False)
+    if fmt != sealed.fmt or fmt not in (FORMAT, FORMAT_ANY_DEVICE):
+        raise DecryptionFailed(f"{kind} {sealed.uid} has plaintext format {fmt}, this version reads {FORMAT}")
     result: list[Group] = groups
     return result
 
 
 def reseal(ring: KeyRing, old: SealedBatch, kind: Kind = BATCH) -> SealedBatch:
-    """The same record (same uid and index fields) sealed again under the ring's active key."""
-    plaintext = msgpack.packb([FORMAT, open_groups(ring, old, kind)])
-    kid = ring.active_id
-    key_id, body = ring.seal(plaintext, batch_ad(kind, old.uid, old.bucket, old.lo, old.hi, old.rec_lo,
-                                                 old.rec_hi, old.count, kid, FORMAT))
-    return SealedBatch(old.uid, old.bucket, old.lo, old.hi, old.rec_lo, old.rec_hi, old.count, key_id, body,
-                       FORMAT)
+    """The same record (same uid, format and index fields) sealed again under the ring's active key."""
+    plaintext = _plaintext(ring, old, kind)
+    return _sealed(ring, plaintext, kind, old.uid, old.bucket, old.lo, old.hi, old.rec_lo, old.rec_hi, old.count,
+                   old.fmt, old.group)
 
 
 def _state_ad(name: str, key_id: str) -> bytes:
@@ -184,9 +225,10 @@ def reseal_state(ring: KeyRing, old: SealedState) -> SealedState:
 
 
 def iter_readings(groups: list[Group]) -> Iterator[tuple[str, str, float, float, float, int | None, Any]]:
-    """Every reading of a batch as (device_id, sensor_type, received_at, ts, value, seq, data)."""
+    """Every reading of a batch or segment as (device_id, sensor_type, received_at, ts, value, seq, data)."""
     for device_id, sensor_type, received_at, ts, values, seqs, datas, *_ in groups:
+        recs = received_at if type(received_at) is list else None
         for i, t in enumerate(ts):
-            yield (device_id, sensor_type, received_at, t, values[i], seqs[i] if seqs else None,
+            yield (device_id, sensor_type, recs[i] if recs else received_at, t, values[i], seqs[i] if seqs else None,
                    datas[i] if datas else None)
 

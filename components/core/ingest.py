@@ -9,8 +9,10 @@ readings send them again; memory never grows without bound.
 Delivery (readings with ``seq``): per device and spool epoch, storage accepts seq numbers in order, starting
 at 1. A seq below the next expected one is a duplicate and is dropped; one above it (a gap, after a lost
 event) is dropped too, and the last ack is repeated so the device sends again from there (go-back-N). The
-highest committed seq per device and epoch is part of the state record committed in the same transaction as
-the batch, and is only then acknowledged. The epoch is a random id a device's spool gets when it is created
+highest committed seq per device and epoch is part of the device's row (:mod:`components.core.devices`),
+written in the same transaction as the batch, and is only then acknowledged. A commit writes its batches (one
+per device group), the rows of the devices in it, and this instance's small counters record: nothing of the
+devices that did not send. The epoch is a random id a device's spool gets when it is created
 (the producer epoch of Kafka's idempotent producer): a device that lost its spool starts a new epoch at seq 1,
 and its readings are never taken for duplicates of the old epoch's. Events without an epoch share one
 sequence per device, as devices of older versions send them.
@@ -25,22 +27,26 @@ import queue
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from components.core import readings as rd
 from components.core.batches import OpenBatch, group_epoch, open_groups, open_state, seal_batch, seal_state, split_batch
+from components.core.compactor import Compactor
+from components.core.devices import NO_EPOCH, DeviceIndex, DeviceRow, RowCache
 from components.core.errors import IotError
 from components.core.readings import Columns
 from components.core.sealing import KeyRing
 from components.core.settings import BatchingSettings, StorageSettings
-from components.storage.interface import BatchStore
+from components.storage.interface import BatchStore, SealedState
 
 log = logging.getLogger(__name__)
 
 STATE_PREFIX = "storage/"
-STATE_VERSION = 1
+STATE_VERSION = 2
+TAG_BITS = "device_tag_bits"
+"""The store setting that fixes the length of device groups for the life of the store."""
 STATS_WRITE_INTERVAL_S = 1.0
 REPLAY_MARGIN_S = 10.0
 """How far back, before the close of the last job a state record covers, a restart looks for later batches."""
@@ -91,55 +97,10 @@ class Counters:
                    d.get("shed", 0), d.get("batches", 0), d.get("bytes", 0), Counter(d.get("rejected", {})))
 
 
-@dataclass
-class StorageState:
-    """What a storage instance has committed: seq marks, a per-device summary, counters."""
-
-    seq: dict[Mark, int] = field(default_factory=dict)
-    # device -> sensor type -> [count, first_ts, last_ts, last_received_at, latest [ts, value, seq, data, rec]]
-    devices: dict[str, dict[str, list[Any]]] = field(default_factory=dict)
-    counters: Counters = field(default_factory=Counters)
-
-    def apply(self, batches: list[OpenBatch], marks: dict[Mark, int]) -> int:
-        """Fold committed batches and seq marks into the summary; return the number of readings."""
-        n = 0
-        for batch in batches:
-            for device_id, sensor_type, rec, ts, values, seqs, datas, *_ in batch.groups:
-                n += len(ts)
-                lo, hi = min(ts), max(ts)
-                entry = self.devices.setdefault(device_id, {}).get(sensor_type)
-                if entry is None:
-                    entry = self.devices[device_id][sensor_type] = [0, lo, hi, rec, None]
-                entry[0] += len(ts)
-                entry[1] = min(entry[1], lo)
-                entry[3] = max(entry[3], rec)
-                if entry[4] is None or hi >= entry[4][0]:
-                    i = ts.index(hi)
-                    entry[4] = [hi, values[i], seqs[i] if seqs else None, datas[i] if datas else None, rec]
-                entry[2] = max(entry[2], hi)
-        for mark, seq in marks.items():
-            if seq > self.seq.get(mark, 0):
-                self.seq[mark] = seq
-        return n
-
-    def marks_record(self) -> tuple[dict[str, int], dict[str, dict[str, int]]]:
-        """The seq marks as stored: {device: seq} without epoch, {device: {epoch: seq}} with one."""
-        plain: dict[str, int] = {}
-        by_epoch: dict[str, dict[str, int]] = {}
-        for (device_id, epoch), seq in self.seq.items():
-            if epoch is None:
-                plain[device_id] = seq
-            else:
-                by_epoch.setdefault(device_id, {})[epoch] = seq
-        return plain, by_epoch
-
-    def record(self, shard: int, shards: int, queue_depth: int, replay: dict[str, Any]) -> dict[str, Any]:
-        """The value sealed into the state record."""
-        plain, by_epoch = self.marks_record()
-        return {"v": STATE_VERSION, "shard": shard, "shards": shards, "seq": plain, "epochs": by_epoch,
-                "devices": self.devices,
-                "counters": self.counters.as_dict(), "queue_depth": queue_depth, "written_at": time.time(),
-                "replay": replay}
+def open_rows(ring: KeyRing, sealed: list[SealedState]) -> dict[str, DeviceRow]:
+    """Device rows by device id."""
+    rows = (DeviceRow.of(open_state(ring, st)) for st in sealed)
+    return {r.device_id: r for r in rows}
 
 
 @dataclass
@@ -180,9 +141,15 @@ class IngestService:
                                                               batching.max_age_s)
         self._queue: queue.Queue[Any] = queue.Queue(maxsize=storage.writer_queue)
         self._name = state_name(self._shard, self._shards)
+        self._tag_bits = storage.device_tag_bits
+        self._cache_size = storage.device_cache
+        self.index = DeviceIndex(b"\0" * 32, 0)  # replaced in start(), from the index key
+        self.rows = RowCache(storage.device_cache, self._load_rows)
+        self.compactor = Compactor(store, keys, lambda: self.index, storage.segment_seconds, storage.compact_after_s,
+                                   storage.shard, storage.shards, clock)
         # caller-thread state
         self.counters = Counters()
-        self._open: dict[int, OpenBatch] = {}
+        self._open: dict[tuple[int, int], OpenBatch] = {}
         self._open_count = 0
         self._open_bytes = 0
         self._open_since: float | None = None
@@ -196,71 +163,122 @@ class IngestService:
         self._last_state_write = 0.0
         self._dirty = False
         # writer-thread state
-        self._state = StorageState()
+        self._committed = Counters()
         self._recent: deque[tuple[float, list[str]]] = deque()
         self._stopping = threading.Event()
         self._writer = threading.Thread(target=self._run, name="storage-writer", daemon=True)
         self.lost_on_shutdown = 0
 
     # ---- start and stop
-    def start(self) -> None:
-        """Load committed state (seq marks of every shard, own summary and counters), start the writer."""
+    def start(self, compact: bool = True) -> None:
+        """Load this instance's counters (upgrading state records of the version before device rows), fold in
+        what a torn commit left behind, and start the writer (and, unless told not to, the compactor)."""
         ring = self._keys()
+        bits = int(self._store.setting(TAG_BITS, str(self._tag_bits)))
+        if bits != self._tag_bits:
+            log.info("this store keeps device groups of %d bits (storage.device_tag_bits=%d applies to new stores)",
+                     bits, self._tag_bits)
+        self.index = DeviceIndex(ring.index_key, bits)
+        own: dict[str, Any] = {}
+        legacy: list[tuple[str, dict[str, Any]]] = []
         for sealed in self._store.states(STATE_PREFIX):
             value = open_state(ring, sealed)
-            # every shard's marks: a device that moved shards keeps its sequence
-            marks: list[tuple[Mark, int]] = [((d, None), seq) for d, seq in value.get("seq", {}).items()]
-            marks += [((d, e), seq) for d, epochs in value.get("epochs", {}).items() for e, seq in epochs.items()]
-            for mark, seq in marks:
-                if seq > self._state.seq.get(mark, 0):
-                    self._state.seq[mark] = seq
+            if value.get("v", 1) < STATE_VERSION:
+                legacy.append((sealed.name, value))
             if sealed.name == self._name:
-                self._state.devices = value.get("devices", {})
-                self._state.counters = Counters.from_dict(value.get("counters", {}))
-                self._replay(ring, value.get("replay"))
-        self.counters = copy.deepcopy(self._state.counters)
+                own = value
+        self._committed = Counters.from_dict(own.get("counters", {}))
+        if legacy:
+            self._upgrade(ring, legacy)
+        self._replay(ring, own.get("replay"))
+        self.counters = copy.deepcopy(self._committed)
         self._writer.start()
-        log.info("storage %s started: %d device(s) known, %d readings stored so far", self._name,
-                 len(self._state.devices), self.counters.stored)
+        if compact:
+            self.compactor.start()
+        log.info("storage %s started: device groups of %d bits, %d readings stored so far", self._name, bits,
+                 self.counters.stored)
+
+    def _load_rows(self, device_ids: Sequence[str]) -> dict[str, DeviceRow]:
+        names = [self.index.row_name(d) for d in device_ids]
+        return open_rows(self._keys(), self._store.get_states(names))
+
+    def _mine(self, device_id: str) -> bool:
+        return self._shards == 1 or shard_of(device_id, self._shards) == self._shard
+
+    def _upgrade(self, ring: KeyRing, legacy: list[tuple[str, dict[str, Any]]]) -> None:
+        """Turn state records of the version before device rows into device rows (this instance's devices)."""
+        rows: dict[str, DeviceRow] = {}
+
+        def row(device_id: str) -> DeviceRow:
+            if device_id not in rows:
+                rows[device_id] = self.rows.get(device_id)
+            return rows[device_id]
+
+        for name, value in legacy:
+            # every record's marks: a device that moved shards keeps its sequence
+            for device_id, seq in value.get("seq", {}).items():
+                if self._mine(device_id):
+                    row(device_id).raise_mark(None, seq)
+            for device_id, epochs in value.get("epochs", {}).items():
+                if self._mine(device_id):
+                    for epoch, seq in epochs.items():
+                        row(device_id).raise_mark(epoch, seq)
+            if name == self._name or (self._shard == 0 and value.get("shard", 0) >= self._shards):
+                for device_id, types in value.get("devices", {}).items():
+                    for sensor_type, entry in types.items():
+                        row(device_id).merge_entry(sensor_type, entry)
+        sealed = [seal_state(ring, self.index.row_name(d), r.value()) for d, r in rows.items()]
+        self._store.commit([], [*sealed, seal_state(ring, self._name, self._record(self._committed, {}, 0))])
+        self.rows.put(rows.values())
+        log.info("storage %s: upgraded its state record to %d device row(s)", self._name, len(rows))
+
+    def _record(self, counters: Counters, replay: dict[str, Any], queue_depth: int) -> dict[str, Any]:
+        """The value sealed into this instance's state record: counters (and what a replay needs)."""
+        return {"v": STATE_VERSION, "shard": self._shard, "shards": self._shards,
+                "counters": counters.as_dict(), "queue_depth": queue_depth, "written_at": time.time(),
+                "replay": replay}
 
     def _replay(self, ring: KeyRing, replay: dict[str, Any] | None) -> None:
         """Fold in batches committed after this instance's last state record.
 
-        A backend whose commit is not one transaction (DynamoDB) can hold batches whose state update was lost
-        in a crash. Every batch committed after a state record holds readings received after that record's job
-        closed, so they are found by arrival time; the uids listed in the record are the ones it already covers.
+        A backend whose commit is not one transaction (DynamoDB) can hold batches whose rows and state update
+        were lost in a crash. Every batch committed after a state record holds readings received after that
+        record's job closed, so they are found by arrival time; the uids listed in the record are the ones it
+        already covers.
         """
         if not replay:
             return
         known = set(replay.get("uids", ()))
-        replayed = 0
         folded: list[str] = []
+        rows: dict[str, DeviceRow] = {}
         for sealed in self._store.batches_by_received(replay["from"], float("inf")):
             if sealed.uid in known:
                 continue
-            batch = OpenBatch(sealed.bucket, 0.0)
-            marks: dict[Mark, int] = {}
-            for group in open_groups(ring, sealed):
-                if self._shards > 1 and shard_of(group[0], self._shards) != self._shard:
-                    break  # another instance's batch
-                batch.add_group(group)
-                if group[5]:
-                    mark = (group[0], group_epoch(group))
-                    marks[mark] = max(marks.get(mark, 0), max(s for s in group[5] if s is not None))
-            else:
-                self._state.counters.stored += self._state.apply([batch], marks)
-                self._state.counters.batches += 1
-                replayed += 1
-                folded.append(sealed.uid)
+            groups = open_groups(ring, sealed)
+            if any(not self._mine(g[0]) for g in groups):
+                continue  # another instance's batch
+            for g in groups:
+                row = rows.get(g[0]) or rows.setdefault(g[0], self.rows.get(g[0]))
+                row.fold(g[1], g[2], g[3], g[4], g[5], g[6])
+                if g[5]:
+                    row.raise_mark(group_epoch(g), max(x for x in g[5] if x is not None))
+                self._committed.stored += len(g[3])
+            self._committed.batches += 1
+            folded.append(sealed.uid)
         # the next state records still list these, so a second crash soon after does not fold them in twice
         self._recent = deque([(replay["from"] + REPLAY_MARGIN_S, [*known, *folded])])
-        if replayed:
+        if folded:
+            sealed_rows = [seal_state(ring, self.index.row_name(d), r.value()) for d, r in rows.items()]
+            self._store.commit([], [*sealed_rows, seal_state(ring, self._name, self._record(
+                self._committed, {"from": replay["from"], "uids": [*known, *folded]}, 0))])
+            self.rows.put(rows.values())
             log.warning("storage %s: folded in %d batch(es) committed after its last state record (a crash between "
-                        "the two writes)", self._name, replayed)
+                        "the two writes)", self._name, len(folded))
 
     def flush(self, timeout: float = 30.0) -> bool:
         """Seal and commit everything open, stop the writer; True if all of it was committed in time."""
         deadline = time.monotonic() + timeout
+        self.compactor.stop()
         jobs: list[Any] = [j for j in (self._held, self._close_open()) if j is not None]
         self._held = None
         jobs += [_Job([], {}, self._counter_snapshot(), self._clock()), _STOP]  # final counters, then stop
@@ -329,13 +347,18 @@ class IngestService:
         self._reject_example.setdefault(reason, source)
 
     def _sequence(self, mark: Mark, payload: object, cols: Columns, rejected: list[tuple[int, str]]) -> Columns:
-        committed = self._state.seq.get(mark, 0)
-        start = self._next_seq.get(mark, committed + 1)
+        start = self._next_seq.get(mark)
+        committed = None
+        if start is None:  # first sight since start (or since its entry was let go): the row says where it stands
+            committed = self.rows.mark(*mark)
+            start = committed + 1
         n = len(cols.seqs)
         keep: list[int] | None = None
         if not rejected and cols.seqs[0] == start and cols.seqs == list(range(start, start + n)):
             expected = start + n  # the usual event: the next readings in order, checked in one comparison
         else:
+            if committed is None:
+                committed = self.rows.mark(*mark)
             keep, expected = self._walk_seqs(mark, payload, cols, rejected, committed, start)
         if expected != start:
             self._next_seq[mark] = expected
@@ -395,10 +418,11 @@ class IngestService:
                 part.data_bytes = cols.data_bytes * len(idx) // len(cols.ts)
                 parts.append((bucket, part))
         now = self._clock()
+        group = self.index.group(device_id)
         for bucket, part in parts:
-            batch = self._open.get(bucket)
+            batch = self._open.get((bucket, group))
             if batch is None:
-                batch = self._open[bucket] = OpenBatch(bucket, now)
+                batch = self._open[bucket, group] = OpenBatch(bucket, now, group)
             before = batch.nbytes
             batch.add(device_id, sensor_type, received_at, part, epoch)
             self._open_count += len(part.ts)
@@ -459,15 +483,24 @@ class IngestService:
             self._reject_log.clear()
             self._reject_example.clear()
             self._last_reject_log = now
-        reacks = {d: self._state.seq.get(d, 0) for d in self._reacks}
+        reacks = {d: self.rows.mark(*d) for d in self._reacks}
         self._reacks.clear()
+        if len(self._next_seq) > self._cache_size:
+            self._let_go()
         return reacks
+
+    def _let_go(self) -> None:
+        """Forget where devices stand whose readings are all committed (their row has it), so memory stays bounded."""
+        pending = set(self._marks)
+        for mark, nxt in list(self._next_seq.items()):
+            if mark not in pending and self.rows.cached_mark(*mark) == nxt - 1:
+                del self._next_seq[mark]
 
     def stats(self) -> dict[str, Any]:
         """Counters as of now, with the queue depth."""
         out = self.counters.as_dict()
-        out["stored"], out["batches"], out["bytes"] = (self._state.counters.stored, self._state.counters.batches,
-                                                       self._state.counters.bytes)
+        out["stored"], out["batches"], out["bytes"] = (self._committed.stored, self._committed.batches,
+                                                       self._committed.bytes)
         out["queue_depth"] = self.queue_depth()
         return out
 
@@ -501,21 +534,30 @@ class IngestService:
         limit = self._store.max_body_bytes
         # sealed once: a retry writes the same uids; cut first where the backend limits a record's size
         sealed = [seal_batch(ring, part) for b in job.batches for part in split_batch(b, limit)]
-        n = self._state.apply(job.batches, job.marks)
-        counters = self._state.counters
+        rows = self.rows.get_many({g[0] for b in job.batches for g in b.groups} | {d for d, _ in job.marks})
+        n = 0
+        for batch in job.batches:
+            for g in batch.groups:
+                rows[g[0]].fold(g[1], g[2], g[3], g[4], g[5], g[6])
+                n += len(g[3])
+        for (device_id, epoch), seq in job.marks.items():
+            rows[device_id].raise_mark(epoch, seq)
+        sealed_rows = [seal_state(ring, self.index.row_name(d), r.value()) for d, r in rows.items()]
         pending = Counters.from_dict(job.counters)
-        pending.stored, pending.batches = counters.stored + n, counters.batches + len(sealed)
-        pending.bytes = counters.bytes
+        pending.stored, pending.batches = self._committed.stored + n, self._committed.batches + len(sealed)
+        pending.bytes = self._committed.bytes
+        replay: dict[str, Any] = {}
+        recent = list(self._recent)
+        if not self._store.atomic_commit:
+            uids = [b.uid for b in sealed]
+            recent = [(t, u) for t, u in recent if t >= job.closed_at - REPLAY_MARGIN_S] + [(job.closed_at, uids)]
+            replay = {"from": job.closed_at - REPLAY_MARGIN_S, "uids": [u for _, us in recent for u in us]}
         delay = RETRY_MIN_S
         failures = 0
-        uids = [b.uid for b in sealed]
-        recent = [(t, u) for t, u in self._recent if t >= job.closed_at - REPLAY_MARGIN_S] + [(job.closed_at, uids)]
-        replay = {"from": job.closed_at - REPLAY_MARGIN_S, "uids": [u for _, us in recent for u in us]}
         while True:
-            state = StorageState(self._state.seq, self._state.devices, pending)
+            state = seal_state(ring, self._name, self._record(pending, replay, self.queue_depth()))
             try:
-                record = state.record(self._shard, self._shards, self.queue_depth(), replay)
-                written = self._store.commit(sealed, seal_state(ring, self._name, record))
+                written = self._store.commit(sealed, [*sealed_rows, state])
                 break
             except IotError as err:
                 failures += 1
@@ -532,8 +574,9 @@ class IngestService:
         if failures:
             log.info("storage write succeeded after %d failed attempts", failures)
         pending.bytes += written
-        self._state.counters = pending
+        self._committed = pending
         self._recent = deque(recent)
+        self.rows.put(rows.values())
         if job.marks:
-            self._on_commit({d: self._state.seq[d] for d in job.marks})
+            self._on_commit({(d, e): rows[d].marks[NO_EPOCH if e is None else e] for d, e in job.marks})
         return True

@@ -1,16 +1,20 @@
-"""The query service: validates arguments, finds the batches that can hold the answer, opens, filters, orders.
+"""The query service: validates arguments, finds the records that can hold the answer, opens, filters, orders.
 
 Plain Python (no WAMP): one method per query procedure, with typed arguments; fetches with ``progressive``
 return an iterator of reading chunks. Argument values are checked here (:class:`InvalidArgument` names the
-argument); the WAMP adapter decodes positional and keyword arguments into them. Batches are found through
-the store's interval index, so a query's cost follows the size of its answer; opened batches are kept
-decrypted in a bounded LRU cache.
+argument); the WAMP adapter decodes positional and keyword arguments into them. Records (write batches and
+compacted segments) are found through the store's interval index, and with ``device_id=`` only in that
+device's group, so a query's cost follows the size of its answer, not of the store or the fleet; opened
+records are kept decrypted in a bounded LRU cache. ``list_devices``, ``get_latest`` and
+``get_max_rel_time`` read device rows.
 """
 
 from __future__ import annotations
 
 import heapq
+import itertools
 import math
+import operator
 import threading
 import time
 from collections import OrderedDict
@@ -18,17 +22,20 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, NotRequired, TypedDict, cast
 
-from components.core.batches import Group, open_groups, open_state
+from components.core.batches import SEGMENT_FORMAT, Group, open_groups, open_segment, open_state, segment_groups
+from components.core.devices import DEVICE_PREFIX, DeviceIndex, DeviceRow
 from components.core.errors import InvalidArgument, TooManyResults
-from components.core.ingest import STATE_PREFIX
+from components.core.ingest import STATE_PREFIX, STATE_VERSION, TAG_BITS, open_rows
 from components.core.readings import reading_dict, valid_id
 from components.core.sealing import KeyRing
-from components.core.settings import QuerySettings
-from components.storage.interface import BatchStore, SealedBatch
+from components.core.settings import QuerySettings, StorageSettings
+from components.storage.interface import BATCH, SEGMENT, BatchStore, Groups, SealedBatch
 
 INF = float("inf")
 Row = tuple[float, float, int | None, dict[str, Any] | None, float, str, str]
-"""(ts, value, seq, data, received_at, device_id, sensor_type): sorts by ts."""
+"""(ts, value, seq, data, received_at, device_id, sensor_type)."""
+ORDER = operator.itemgetter(0, 5, 6, 4)
+"""Answers are ordered by ts, then device, sensor type and arrival: the same however the readings are stored."""
 
 
 class Reading(TypedDict):
@@ -147,20 +154,30 @@ def _window(start: float, end: float) -> tuple[float, float]:
 # ---- reading rows out of batches
 
 def _rows_of(groups: list[Group], f: Filters, lo: float, hi: float, rec_lo: float, covers: bool) -> list[Row]:
-    """Rows of one batch within [lo, hi] by ts and received_at >= rec_lo, matching the filters."""
+    """Rows of one batch or segment within [lo, hi] by ts and received_at >= rec_lo, matching the filters.
+
+    A batch's group has one ``received_at``; a segment's has a column of them.
+    """
     out: list[Row] = []
     for device_id, sensor_type, rec, ts, values, seqs, datas, *_ in groups:
-        if not f.matches(device_id, sensor_type) or rec < rec_lo:
+        if not f.matches(device_id, sensor_type):
             continue
         n = len(ts)
+        if type(rec) is list:
+            rec_col = rec
+            if rec_lo > -INF:
+                covers = covers and min(rec) >= rec_lo
+        elif rec < rec_lo:
+            continue
+        else:
+            rec_col = [rec] * n
         seq_col = seqs or [None] * n
         data_col = datas or [None] * n
         if covers:
-            out.extend(zip(ts, values, seq_col, data_col, [rec] * n, [device_id] * n, [sensor_type] * n,
-                           strict=True))
+            out.extend(zip(ts, values, seq_col, data_col, rec_col, [device_id] * n, [sensor_type] * n, strict=True))
         else:
-            out.extend((t, values[i], seq_col[i], data_col[i], rec, device_id, sensor_type)
-                       for i, t in enumerate(ts) if lo <= t <= hi)
+            out.extend((t, values[i], seq_col[i], data_col[i], rec_col[i], device_id, sensor_type)
+                       for i, t in enumerate(ts) if lo <= t <= hi and rec_col[i] >= rec_lo)
     return out
 
 
@@ -168,15 +185,21 @@ def _as_reading(row: Row) -> Reading:
     return cast(Reading, reading_dict(row[5], row[6], row[0], row[1], row[2], row[3], row[4]))
 
 
-_CacheItem = tuple[SealedBatch, list[Group], dict[str, list[Group]]]
-"""A cached batch: the record as it was opened, its groups, and its groups by device."""
+@dataclass
+class _CacheItem:
+    """An opened record: its groups by device, and for a segment the decrypted encoding (devices decode lazily)."""
+
+    sealed: SealedBatch
+    by_device: dict[str, list[Group]]
+    encoded: bytes | None = None
+    complete: bool = True
 
 
 class BatchCache:
-    """Decrypted batches, least recently used evicted first, bounded by the number of readings held.
+    """Decrypted batches and segments, least recently used evicted first, bounded by the number of readings held.
 
-    Each batch is held with its groups indexed by device, so a query for one device touches that device's
-    groups only, however many other devices share the batch.
+    Each record is held with its groups indexed by device, so a query for one device touches that device's
+    groups only, however many other devices share the record; a segment decodes only the devices asked for.
     """
 
     def __init__(self, max_readings: int) -> None:
@@ -187,52 +210,87 @@ class BatchCache:
         self._lock = threading.Lock()
 
     def groups(self, ring: KeyRing, sealed: SealedBatch, device_id: str | None = None) -> list[Group]:
-        """The batch's groups (of ``device_id`` only, when given): from the cache only if the record is byte for
+        """The record's groups (of ``device_id`` only, when given): from the cache only if the record is byte for
         byte the one that was opened (so an edited index field or a moved body is never served from memory),
         else freshly opened."""
         with self._lock:
             item = self._items.get(sealed.uid)
-            if item is not None and item[0] == sealed:
+            if item is not None and item.sealed == sealed:
                 self._items.move_to_end(sealed.uid)
             else:
                 item = None
         if item is None:
             item = self._open(ring, sealed)
-        return item[1] if device_id is None else item[2].get(device_id, [])
+        if item.encoded is not None:  # a segment
+            if device_id is None:
+                if not item.complete:
+                    by_device: dict[str, list[Group]] = {}
+                    for g in segment_groups(sealed, item.encoded):
+                        by_device.setdefault(g[0], []).append(g)
+                    item.by_device, item.complete = by_device, True
+            elif device_id not in item.by_device and not item.complete:
+                item.by_device[device_id] = segment_groups(sealed, item.encoded, device_id)
+        if device_id is not None:
+            return item.by_device.get(device_id, [])
+        return [g for gs in item.by_device.values() for g in gs]
 
     def _open(self, ring: KeyRing, sealed: SealedBatch) -> _CacheItem:
-        """Decrypt a batch, index its groups by device, and keep it (evicting the least recently used)."""
-        groups = open_groups(ring, sealed)
-        by_device: dict[str, list[Group]] = {}
-        for group in groups:
-            by_device.setdefault(group[0], []).append(group)
-        item = (sealed, groups, by_device)
+        """Decrypt a record, index a batch's groups by device, and keep it (evicting the least recently used)."""
+        if sealed.fmt == SEGMENT_FORMAT:
+            item = _CacheItem(sealed, {}, open_segment(ring, sealed), complete=False)
+        else:
+            by_device: dict[str, list[Group]] = {}
+            for group in open_groups(ring, sealed):
+                by_device.setdefault(group[0], []).append(group)
+            item = _CacheItem(sealed, by_device)
         if sealed.count <= self._max:
             with self._lock:
                 old = self._items.pop(sealed.uid, None)
                 if old is not None:
-                    self._held -= old[0].count
+                    self._held -= old.sealed.count
                 self._items[sealed.uid] = item
                 self._held += sealed.count
                 while self._held > self._max:
-                    _, (evicted, _, _) = self._items.popitem(last=False)
-                    self._held -= evicted.count
+                    _, evicted = self._items.popitem(last=False)
+                    self._held -= evicted.sealed.count
         return item
 
 
+def _by_lo(*parts: list[SealedBatch]) -> list[SealedBatch]:
+    return sorted((b for part in parts for b in part), key=lambda b: b.lo)
 
 
 class QueryService:
     """Answers the query procedures of the wire contract, one method each."""
 
     def __init__(self, settings: QuerySettings, store: BatchStore, keys: Callable[[], KeyRing],
-                 clock: Callable[[], float] = time.time) -> None:
-        """Read from ``store``, opening with ``keys()``."""
+                 clock: Callable[[], float] = time.time,
+                 tag_bits: int = StorageSettings.device_tag_bits) -> None:
+        """Read from ``store``, opening with ``keys()``; ``tag_bits`` is storage's setting, for a store not yet
+        written to (a store keeps the length of its groups)."""
         self.settings = settings
         self.store = store
         self.keys = keys
         self.clock = clock
         self.cache = BatchCache(settings.cache_readings)
+        self._tag_bits = tag_bits
+        self._index: DeviceIndex | None = None
+
+    @property
+    def index(self) -> DeviceIndex:
+        """Device groups of the store (read from it once)."""
+        if self._index is None:
+            bits = int(self.store.setting(TAG_BITS, str(self._tag_bits)))
+            self._index = DeviceIndex(self.keys().index_key, bits)
+        return self._index
+
+    def _groups(self, f: Filters) -> Groups:
+        return None if f.device_id is None else self.index.groups_of(f.device_id)
+
+    def _records(self, by: Callable[..., list[SealedBatch]], start: float, end: float, f: Filters
+                 ) -> list[SealedBatch]:
+        groups = self._groups(f)
+        return _by_lo(by(start, end, BATCH, groups), by(start, end, SEGMENT, groups))
 
     # ---- fetch procedures
     def fetch_between_window(self, start: float, end: float, device_id: str | None = None,
@@ -260,7 +318,7 @@ class QueryService:
         """Readings received in the last ``n`` seconds, oldest first."""
         f = _filters(device_id, sensor_type, limit)
         since = self.clock() - count_arg("n", n)
-        batches = self.store.batches_by_received(since, INF)
+        batches = self._records(self.store.batches_by_received, since, INF, f)
         return self._answer(self._merge(batches, -INF, INF, f, since), f, progressive)
 
     def fetch_last_window(self, n: int, device_id: str | None = None, sensor_type: str | None = None,
@@ -275,20 +333,25 @@ class QueryService:
         if not progressive and want > self.settings.max_results:
             raise TooManyResults(self._too_many(f"{want} readings were asked for"))
         ring = self.keys()
-        top: list[Row] = []  # min-heap of the ``want`` greatest rows so far
-        for sealed in self.store.batches_by_hi_desc():
-            if len(top) >= want and sealed.hi < top[0][0]:
+        top: list[tuple[tuple[Any, ...], int, Row]] = []  # min-heap of the ``want`` greatest rows so far
+        tiebreak = itertools.count()
+        groups = self._groups(f)
+        newest_first = heapq.merge(self.store.batches_by_hi_desc(None, BATCH, groups),
+                                   self.store.batches_by_hi_desc(None, SEGMENT, groups), key=lambda b: -b.hi)
+        for sealed in newest_first:
+            if len(top) >= want and sealed.hi < top[0][0][0]:
                 break  # every later batch ends before the smallest kept reading
             for row in _rows_of(self.cache.groups(ring, sealed, f.device_id), f, -INF, INF, -INF, True):
+                key = ORDER(row)
                 if len(top) < want:
-                    heapq.heappush(top, row)
-                elif row[0] > top[0][0]:
-                    heapq.heapreplace(top, row)
-        top.sort(key=lambda r: r[0])
-        return self._answer(iter([top]), Filters(f.device_id, f.sensor_type, None), progressive)
+                    heapq.heappush(top, (key, next(tiebreak), row))
+                elif key > top[0][0]:
+                    heapq.heapreplace(top, (key, next(tiebreak), row))
+        rows = [row for _, _, row in sorted(top)]  # ties in arrival order
+        return self._answer(iter([rows]), Filters(f.device_id, f.sensor_type, None), progressive)
 
     def _by_ts(self, start: float, end: float, f: Filters) -> Iterator[list[Row]]:
-        return self._merge(self.store.batches_by_ts(start, end), start, end, f, -INF)
+        return self._merge(self._records(self.store.batches_by_ts, start, end, f), start, end, f, -INF)
 
     def _merge(self, batches: list[SealedBatch], start: float, end: float, f: Filters, rec_lo: float
                ) -> Iterator[list[Row]]:
@@ -298,7 +361,7 @@ class QueryService:
         run_hi = -INF
         for sealed in batches:  # ordered by lo
             if run and sealed.lo > run_hi:
-                run.sort(key=lambda r: r[0])
+                run.sort(key=ORDER)
                 yield run
                 run = []
             groups = self.cache.groups(ring, sealed, f.device_id)
@@ -307,7 +370,7 @@ class QueryService:
             if sealed.hi > run_hi:
                 run_hi = sealed.hi
         if run:
-            run.sort(key=lambda r: r[0])
+            run.sort(key=ORDER)
             yield run
 
     def _too_many(self, what: str) -> str:
@@ -352,49 +415,57 @@ class QueryService:
         ring = self.keys()
         return [open_state(ring, s) | {"name": s.name} for s in self.store.states(STATE_PREFIX)]
 
-    def _summary(self) -> dict[str, dict[str, list[Any]]]:
-        merged: dict[str, dict[str, list[Any]]] = {}
+    def _rows(self, device_id: str | None) -> list[DeviceRow]:
+        """Device rows (of one device when given), sorted by device id, with what storage instances of the
+        version before device rows still hold in their state records."""
+        ring = self.keys()
+        if device_id is None:
+            rows = open_rows(ring, self.store.states(DEVICE_PREFIX))
+        else:
+            rows = open_rows(ring, self.store.get_states([self.index.row_name(device_id)]))
         for state in self._states():
-            for device_id, types in state.get("devices", {}).items():
-                merged.setdefault(device_id, {}).update(types)
-        return merged
+            if state.get("v", 1) < STATE_VERSION:
+                for device, types in state.get("devices", {}).items():
+                    if device_id is None or device == device_id:
+                        row = rows.setdefault(device, DeviceRow(device))
+                        for sensor_type, entry in types.items():
+                            row.merge_entry(sensor_type, entry)
+        return [rows[d] for d in sorted(rows) if rows[d].types]
 
     def get_max_rel_time(self, device_id: str | None = None, sensor_type: str | None = None) -> float | None:
         """The greatest ts stored (of the device and sensor type, when given); None when there is none."""
         f = _filters(device_id, sensor_type)
         if f.device_id is None and f.sensor_type is None:
             return self.store.max_ts()
-        last = [entry[2] for device_id, types in self._summary().items() for sensor_type, entry in types.items()
-                if f.matches(device_id, sensor_type)]
+        last = [entry[2] for row in self._rows(f.device_id) for sensor, entry in row.types.items()
+                if f.matches(row.device_id, sensor)]
         return max(last) if last else None
 
     def list_devices(self, device_id: str | None = None) -> list[Device]:
         """Every device with stored readings (or the one asked for)."""
         f = _filters(device_id)
-        rows: list[Device] = []
-        for device, types in sorted(self._summary().items()):
-            if not f.matches(device, ""):
-                continue
-            entries = types.values()
-            rows.append({
-                "device_id": device,
-                "sensor_types": sorted(types),
+        devices: list[Device] = []
+        for row in self._rows(f.device_id):
+            entries = row.types.values()
+            devices.append({
+                "device_id": row.device_id,
+                "sensor_types": sorted(row.types),
                 "count": sum(e[0] for e in entries),
                 "first_ts": min(e[1] for e in entries),
                 "last_ts": max(e[2] for e in entries),
                 "last_received_at": max(e[3] for e in entries),
             })
-        return rows
+        return devices
 
     def get_latest(self, device_id: str | None = None, sensor_type: str | None = None) -> list[Reading]:
         """The reading with the greatest ts of each device and sensor type."""
         f = _filters(device_id, sensor_type)
         out: list[Reading] = []
-        for device, types in sorted(self._summary().items()):
-            for sensor, entry in sorted(types.items()):
-                if f.matches(device, sensor) and entry[4] is not None:
+        for row in self._rows(f.device_id):
+            for sensor, entry in sorted(row.types.items()):
+                if f.matches(row.device_id, sensor) and entry[4] is not None:
                     ts, value, seq, data, rec = entry[4]
-                    out.append(cast(Reading, reading_dict(device, sensor, ts, value, seq, data, rec)))
+                    out.append(cast(Reading, reading_dict(row.device_id, sensor, ts, value, seq, data, rec)))
         return out
 
     def aggregate(self, start: float, end: float, bucket: float, device_id: str | None = None,

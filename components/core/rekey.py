@@ -1,9 +1,10 @@
 """Re-sealing every stored record under a new key; safe to interrupt and run again.
 
 With ``keys.source=file``: the first run adds a fresh key to the key file as the active one (keeping the
-old ones, so everything stays readable), waits for running services to pick it up, re-seals every batch,
-audit chunk and state record still under an old key (a compare-and-swap per record, so a record changed
-meanwhile is simply seen again in the next pass), and once none is left, drops the old keys from the file.
+old ones, so everything stays readable), waits for running services to pick it up, re-seals every write
+batch, segment, audit chunk, device row and counters record still under an old key (a compare-and-swap per
+record, so a record changed meanwhile is simply seen again in the next pass), logging its progress, and once
+none is left, drops the old keys from the file. The index key is kept: the groups of stored records use it.
 A run that finds more than one key in the file resumes the unfinished rotation instead of starting another.
 
 With ``keys.source=env``: put the new key first in ``IOT_KEYS``, keep the old ones after it, run this,
@@ -26,6 +27,7 @@ from components.storage.interface import BatchStore, SealedState
 log = logging.getLogger(__name__)
 
 MAX_PASSES = 20
+PROGRESS_EVERY_S = 5.0
 
 
 @dataclass
@@ -41,10 +43,15 @@ class RekeyReport:
 
 def reseal_all(store: BatchStore, ring: KeyRing, stop: Callable[[], bool] = lambda: False) -> tuple[int, int]:
     """One pass: re-seal records not under the active key; return (re-sealed, still under an old key)."""
-    resealed = left = 0
+    resealed = left = seen = 0
+    last_log = time.monotonic()
     for kind, record in store.records():
         if stop():
             break
+        seen += 1
+        if time.monotonic() - last_log >= PROGRESS_EVERY_S:
+            last_log = time.monotonic()
+            log.info("rekey: %d records looked at, %d re-sealed so far", seen, resealed)
         if record.key_id == ring.active_id:
             continue
         if isinstance(record, SealedState):
@@ -68,7 +75,7 @@ def rekey_file(store: BatchStore, key_file: KeyFile, grace_s: float = 3.0) -> Re
     resumed = len(ring.keys) > 1
     if not resumed:
         new = secrets.token_bytes(KEY_BYTES)
-        ring = KeyRing(key_id(new), {key_id(new): new, **ring.keys})
+        ring = ring.rotated(key_id(new), {key_id(new): new, **ring.keys})
         key_file.save(ring)
         log.info("new active key %s added to %s; waiting %.1fs for running services to pick it up",
                  ring.active_id, key_file.path, grace_s)
@@ -78,7 +85,7 @@ def rekey_file(store: BatchStore, key_file: KeyFile, grace_s: float = 3.0) -> Re
     report = RekeyReport(ring.active_id, resumed=resumed)
     report.resealed, report.passes = _passes(store, ring)
     old = tuple(sorted(k for k in ring.keys if k != ring.active_id))
-    key_file.save(KeyRing(ring.active_id, {ring.active_id: ring.keys[ring.active_id]}))
+    key_file.save(ring.rotated(ring.active_id, {ring.active_id: ring.keys[ring.active_id]}))
     report.dropped_keys = old
     return report
 

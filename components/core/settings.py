@@ -25,6 +25,7 @@ CONFIG_ENV = "IOT_CONFIG"
 
 SECRET_ENV = {
     "IOT_KEYS": "storage keys for keys.source=env: comma-separated base64 keys, the first one active",
+    "IOT_INDEX_KEY": "index key for keys.source=env: base64 32-byte key that places each device in its group",
     "IOT_KEY_PASSPHRASE": "passphrase for keys.source=passphrase (stretched with scrypt and a stored salt)",
     "IOT_TICKET": "ticket a component logs in with, instead of reading it from paths.secrets_dir",
 }
@@ -50,6 +51,10 @@ def _ws_url(value: str) -> str | None:
 
 def _wamp_name(value: str) -> str | None:
     return None if _NAME_RE.match(value) else "lowercase letters, digits and _ (1 to 64)"
+
+
+def _tag_bits(value: int) -> str | None:
+    return None if 0 <= value <= 16 else "a whole number from 0 to 16"
 
 
 def _names(value: list[str]) -> str | None:
@@ -107,6 +112,15 @@ class StorageSettings:
                                    minimum=1)
     writer_queue: int = _setting("closed batches that may wait for the writer; when full, new readings are shed",
                                  16, minimum=1)
+    device_tag_bits: int = _setting("bits of a device's tag that name its group (fixed when a store is created; "
+                                    "fewer: more devices per group, more privacy, more over-read)", 8, minimum=0,
+                                    check=_tag_bits)
+    segment_seconds: int = _setting("window of ts that compaction rewrites into one segment per device group", 3600,
+                                    minimum=1)
+    compact_after_s: float = _setting("a window is compacted once its end is this many seconds in the past", 120.0,
+                                      minimum=0.0)
+    device_cache: int = _setting("device rows storage keeps in memory (a device not among them is read when it "
+                                 "next sends)", 100_000, minimum=1)
 
 
 @dataclass(frozen=True)

@@ -8,13 +8,16 @@ every backend.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
-Kind = Literal["batch", "audit"]
+Kind = Literal["batch", "segment", "audit"]
 BATCH: Literal["batch"] = "batch"
+SEGMENT: Literal["segment"] = "segment"
 AUDIT: Literal["audit"] = "audit"
+EVERY_GROUP = 0
+"""The group of records that may hold any device: those written before device groups, and audit chunks."""
 
 
 def span_class(span: float) -> int:
@@ -28,10 +31,12 @@ def span_class(span: float) -> int:
 
 @dataclass(frozen=True, slots=True)
 class SealedBatch:
-    """A sealed batch of readings (or of audit entries) with the clear fields used to find it.
+    """A sealed record of readings (a write batch or a segment) or of audit entries, with the clear fields used
+    to find it.
 
     ``lo``/``hi`` bound the readings' ``ts`` (the entries' time for audit); ``rec_lo``/``rec_hi`` bound
-    their ``received_at``; ``bucket`` is the time bucket the batch belongs to (its partition).
+    their ``received_at``; ``bucket`` is the time bucket of a write batch, the window of a segment; ``group``
+    is the device group of every reading in it (:data:`EVERY_GROUP`: any device).
     """
 
     uid: str
@@ -44,15 +49,20 @@ class SealedBatch:
     key_id: str
     body: bytes
     fmt: int = 1
+    group: int = EVERY_GROUP
 
 
 @dataclass(frozen=True, slots=True)
 class SealedState:
-    """A sealed named record: a storage instance's state (dedup marks, device summary, counters)."""
+    """A sealed named record: a device row (``device/<tag>``) or a storage instance's counters (``storage/...``)."""
 
     name: str
     key_id: str
     body: bytes
+
+
+Groups = Collection[int] | None
+"""Device groups a read is limited to (None: every group)."""
 
 
 class BatchStore(Protocol):
@@ -60,34 +70,61 @@ class BatchStore(Protocol):
 
     @property
     def max_body_bytes(self) -> int | None:
-        """Largest sealed body one record may hold (None: no limit); storage cuts batches to fit before sealing."""
+        """Largest sealed body one record may hold (None: no limit); storage cuts records to fit before sealing."""
         ...
 
-    def commit(self, batches: Sequence[SealedBatch], state: SealedState | None) -> int:
-        """Store batches and replace a state record, atomically where the backend can; return bytes written.
+    @property
+    def atomic_commit(self) -> bool:
+        """True when :meth:`commit` is one transaction (else storage keeps what it needs to replay a torn one)."""
+        ...
+
+    def setting(self, name: str, default: str) -> str:
+        """The store's value of ``name``, set to ``default`` by its first use: every process of a store agrees."""
+        ...
+
+    def commit(self, batches: Sequence[SealedBatch], states: Sequence[SealedState]) -> int:
+        """Store write batches and replace named records, atomically where the backend can; return bytes written.
 
         Writing a batch whose uid is already stored is a no-op (retries store nothing twice).
         """
         ...
 
-    def batches_by_ts(self, start: float, end: float, kind: Kind = BATCH) -> list[SealedBatch]:
-        """Records whose [lo, hi] overlaps [start, end], ordered by lo."""
+    def batches_by_ts(self, start: float, end: float, kind: Kind = BATCH, groups: Groups = None
+                      ) -> list[SealedBatch]:
+        """Records of ``kind`` (in ``groups``) whose [lo, hi] overlaps [start, end], ordered by lo."""
         ...
 
-    def batches_by_received(self, start: float, end: float) -> list[SealedBatch]:
-        """Batches whose [rec_lo, rec_hi] overlaps [start, end], ordered by lo."""
+    def batches_by_received(self, start: float, end: float, kind: Kind = BATCH, groups: Groups = None
+                            ) -> list[SealedBatch]:
+        """Records of ``kind`` (in ``groups``) whose [rec_lo, rec_hi] overlaps [start, end], ordered by lo."""
         ...
 
-    def batches_by_hi_desc(self, below: float | None = None) -> Iterator[SealedBatch]:
-        """Batches in descending order of hi (only those with hi < below when given), lazily."""
+    def batches_by_hi_desc(self, below: float | None = None, kind: Kind = BATCH, groups: Groups = None
+                           ) -> Iterator[SealedBatch]:
+        """Records of ``kind`` (in ``groups``) in descending order of hi (only hi < below when given), lazily."""
         ...
 
     def max_ts(self) -> float | None:
-        """The greatest hi of all batches, None when there are none."""
+        """The greatest hi of all batches and segments, None when there are none."""
+        ...
+
+    def pending_windows(self, window_s: int, before: float) -> list[tuple[int, int]]:
+        """(window, group) of every write batch whose hi is below ``before``, window = floor(lo / window_s), sorted."""
+        ...
+
+    def swap(self, old: Sequence[SealedBatch], new: Sequence[SealedBatch]) -> bool:
+        """Replace records ``old`` (batches or segments) by segments ``new`` so that no read sees both or neither.
+
+        False, changing nothing, when one of ``old`` is gone (another compactor got there first).
+        """
         ...
 
     def states(self, prefix: str) -> list[SealedState]:
-        """Every state record whose name starts with ``prefix``."""
+        """Every named record whose name starts with ``prefix``."""
+        ...
+
+    def get_states(self, names: Sequence[str]) -> list[SealedState]:
+        """The named records of ``names`` that exist (in no particular order)."""
         ...
 
     def append_audit(self, chunk: SealedBatch) -> None:
@@ -95,7 +132,7 @@ class BatchStore(Protocol):
         ...
 
     def records(self) -> Iterator[tuple[Kind | Literal["state"], SealedBatch | SealedState]]:
-        """Every stored record (batches, audit chunks, states), for re-sealing."""
+        """Every stored record (batches, segments, audit chunks, named records), for re-sealing."""
         ...
 
     def replace(self, kind: Kind | Literal["state"], old: SealedBatch | SealedState,

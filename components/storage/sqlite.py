@@ -1,8 +1,12 @@
-"""SqliteBatchStore: sealed batches in one SQLite file, WAL mode, one transaction per commit.
+"""SqliteBatchStore: sealed records in one SQLite file, WAL mode, one transaction per commit and per swap.
 
-Finding the batches that overlap a window must not scan the table. Each record stores the class of its
+Finding the records that overlap a window must not scan the table. Each record stores the class of its
 span (see :func:`components.storage.interface.span_class`); an index on (class, lower bound, upper bound) answers
-"overlaps [start, end]" with one range seek per class present: lower bound in [start - 2**class, end].
+"overlaps [start, end]" with one range seek per class present: lower bound in [start - 2**class, end]. A second
+index leads with the device group, so a one-device read seeks inside its group only.
+
+New files use incremental auto-vacuum, so the pages that compaction frees are given back to the file system.
+Schema version 1 (before device groups) is upgraded in place: its records become group 0 (any device).
 """
 
 from __future__ import annotations
@@ -15,13 +19,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 from components.core.errors import StorageUnavailable
-from components.storage.interface import AUDIT, BATCH, Kind, SealedBatch, SealedState, span_class
+from components.storage.interface import AUDIT, BATCH, SEGMENT, Groups, Kind, SealedBatch, SealedState, span_class
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 BUSY_TIMEOUT_MS = 10_000
-_COLS = "uid, bucket, lo, hi, rec_lo, rec_hi, n, key_id, body, fmt"
+_COLS = "uid, bucket, lo, hi, rec_lo, rec_hi, n, key_id, body, fmt, grp"
+_IN_CHUNK = 500
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -35,7 +40,8 @@ CREATE TABLE IF NOT EXISTS records (
     n INTEGER NOT NULL,
     key_id TEXT NOT NULL,
     fmt INTEGER NOT NULL,
-    body BLOB NOT NULL
+    body BLOB NOT NULL,
+    grp INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS records_by_ts ON records (kind, lo_class, lo, hi);
 CREATE INDEX IF NOT EXISTS records_by_received ON records (kind, rec_class, rec_lo, rec_hi);
@@ -44,6 +50,19 @@ CREATE TABLE IF NOT EXISTS span_classes (kind TEXT NOT NULL, axis TEXT NOT NULL,
                                          PRIMARY KEY (kind, axis, class)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS states (name TEXT PRIMARY KEY, key_id TEXT NOT NULL, body BLOB NOT NULL);
 """
+_GROUP_INDEXES = """
+CREATE INDEX IF NOT EXISTS records_by_group_ts ON records (kind, grp, lo_class, lo, hi);
+CREATE INDEX IF NOT EXISTS records_by_group_received ON records (kind, grp, rec_class, rec_lo, rec_hi);
+CREATE INDEX IF NOT EXISTS records_by_group_hi ON records (kind, grp, hi);
+"""
+
+
+def _groups_sql(groups: Groups) -> tuple[str, list[int]]:
+    """A ``grp IN (...)`` condition for ``groups`` (empty for every group)."""
+    if groups is None:
+        return "", []
+    ids = sorted(set(groups))
+    return f" AND grp IN ({','.join('?' * len(ids))})", ids
 
 
 def _row(r: Sequence[Any]) -> SealedBatch:
@@ -63,8 +82,11 @@ class SqliteBatchStore:
         self._local = threading.local()
         self._connections: list[sqlite3.Connection] = []
         self._lock = threading.Lock()
+        self._known_classes: set[tuple[str, str, int]] = set()
         conn = self._conn()
         with conn:
+            if conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0] == 0:
+                conn.execute("PRAGMA auto_vacuum=INCREMENTAL")  # only takes effect before the first table
             conn.executescript(_SCHEMA)
             row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
             if row is None:
@@ -72,6 +94,13 @@ class SqliteBatchStore:
             elif int(row[0]) > SCHEMA_VERSION:
                 raise StorageUnavailable(f"database {self.path} has schema version {row[0]}, newer than this "
                                          f"version of the sensor hub understands ({SCHEMA_VERSION})")
+            elif int(row[0]) < SCHEMA_VERSION:
+                columns = {r[1] for r in conn.execute("PRAGMA table_info(records)")}
+                if "grp" not in columns:
+                    conn.execute("ALTER TABLE records ADD COLUMN grp INTEGER NOT NULL DEFAULT 0")
+                conn.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(SCHEMA_VERSION),))
+                log.info("upgraded %s to schema version %d (device groups)", self.path, SCHEMA_VERSION)
+            conn.executescript(_GROUP_INDEXES)
 
     def _conn(self) -> sqlite3.Connection:
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
@@ -94,29 +123,55 @@ class SqliteBatchStore:
                                     (kind, axis)).fetchall()
         return {r[0] for r in rows}
 
-    def _insert(self, conn: sqlite3.Connection, kind: str, b: SealedBatch) -> int:
-        lo_class, rec_class = span_class(b.hi - b.lo), span_class(b.rec_hi - b.rec_lo)
-        cur = conn.execute(
-            "INSERT OR IGNORE INTO records (kind, uid, bucket, lo, hi, lo_class, rec_lo, rec_hi, rec_class, n, "
-            "key_id, fmt, body) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
-            (kind, b.uid, b.bucket, b.lo, b.hi, lo_class, b.rec_lo, b.rec_hi, rec_class, b.count, b.key_id,
-             b.fmt, b.body))
-        conn.executemany("INSERT OR IGNORE INTO span_classes VALUES (?, ?, ?)",
-                         [(kind, "ts", lo_class), (kind, "rec", rec_class)])
-        return len(b.body) if cur.rowcount else 0
+    def _insert(self, conn: sqlite3.Connection, kind: str, records: Sequence[SealedBatch],
+                classes: set[tuple[str, str, int]]) -> int:
+        """Insert records (those whose uid is stored already are skipped); the body bytes written. Span classes
+        the table gains are added to ``classes``, for the caller to remember once its transaction commits."""
+        written = 0
+        for b in records:
+            lo_class, rec_class = span_class(b.hi - b.lo), span_class(b.rec_hi - b.rec_lo)
+            cur = conn.execute(
+                "INSERT OR IGNORE INTO records (kind, uid, bucket, lo, hi, lo_class, rec_lo, rec_hi, rec_class, n, "
+                "key_id, fmt, body, grp) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                (kind, b.uid, b.bucket, b.lo, b.hi, lo_class, b.rec_lo, b.rec_hi, rec_class, b.count, b.key_id,
+                 b.fmt, b.body, b.group))
+            if cur.rowcount:
+                written += len(b.body)
+            for entry in ((kind, "ts", lo_class), (kind, "rec", rec_class)):
+                if entry not in self._known_classes and entry not in classes:  # the table only grows
+                    conn.execute("INSERT OR IGNORE INTO span_classes VALUES (?, ?, ?)", entry)
+                    classes.add(entry)
+        return written
 
-    def commit(self, batches: Sequence[SealedBatch], state: SealedState | None) -> int:
-        """Store batches and the state record in one transaction."""
+    @property
+    def atomic_commit(self) -> bool:
+        """A commit is one transaction."""
+        return True
+
+    def setting(self, name: str, default: str) -> str:
+        """The store's value of ``name`` (``default`` from its first use), kept in the meta table."""
+        key = f"setting:{name}"
+        try:
+            conn = self._conn()
+            conn.execute("INSERT OR IGNORE INTO meta VALUES (?, ?)", (key, default))
+            row = conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        except sqlite3.Error as err:
+            raise StorageUnavailable(f"SQLite write to {self.path} failed: {err}") from err
+        return str(row[0])
+
+    def commit(self, batches: Sequence[SealedBatch], states: Sequence[SealedState]) -> int:
+        """Store batches and named records in one transaction."""
         conn = self._conn()
         try:
             conn.execute("BEGIN IMMEDIATE")
+            classes: set[tuple[str, str, int]] = set()
             try:
-                written = sum(self._insert(conn, BATCH, b) for b in batches)
-                if state is not None:
-                    conn.execute("INSERT OR REPLACE INTO states VALUES (?, ?, ?)",
-                                 (state.name, state.key_id, state.body))
-                    written += len(state.body)
+                written = self._insert(conn, BATCH, batches, classes)
+                conn.executemany("INSERT OR REPLACE INTO states VALUES (?, ?, ?)",
+                                 [(st.name, st.key_id, st.body) for st in states])
+                written += sum(len(st.body) for st in states)
                 conn.execute("COMMIT")
+                self._known_classes |= classes
             except BaseException:
                 conn.execute("ROLLBACK")
                 raise
@@ -128,44 +183,55 @@ class SqliteBatchStore:
         """Store a sealed chunk of audit entries."""
         conn = self._conn()
         try:
+            classes: set[tuple[str, str, int]] = set()
             with conn:
                 conn.execute("BEGIN IMMEDIATE")
-                self._insert(conn, AUDIT, chunk)
+                self._insert(conn, AUDIT, [chunk], classes)
+            self._known_classes |= classes
         except sqlite3.Error as err:
             raise StorageUnavailable(f"SQLite write to {self.path} failed: {err}") from err
 
-    def _overlapping(self, kind: str, axis: str, start: float, end: float) -> list[SealedBatch]:
+    def _overlapping(self, kind: str, axis: str, start: float, end: float, groups: Groups
+                     ) -> list[SealedBatch]:
         lo_col, hi_col, class_col = ("lo", "hi", "lo_class") if axis == "ts" else ("rec_lo", "rec_hi", "rec_class")
         classes = sorted(self._span_classes(kind, axis))
-        if not classes:
+        if not classes or (groups is not None and not groups):
             return []
-        parts, params = [], []
+        in_groups, group_ids = _groups_sql(groups)
+        parts: list[str] = []
+        params: list[Any] = []
         for c in classes:
             parts.append(f"SELECT {_COLS} FROM records WHERE kind = ? AND {class_col} = ? "
-                         f"AND {lo_col} BETWEEN ? AND ? AND {hi_col} >= ?")
-            params += [kind, c, start - 2.0**c, end, start]
+                         f"AND {lo_col} BETWEEN ? AND ? AND {hi_col} >= ?{in_groups}")
+            params += [kind, c, start - 2.0**c, end, start, *group_ids]
         sql = " UNION ALL ".join(parts) + " ORDER BY lo"
         try:
             return list(map(_row, self._conn().execute(sql, params)))
         except sqlite3.Error as err:
             raise StorageUnavailable(f"SQLite read of {self.path} failed: {err}") from err
 
-    def batches_by_ts(self, start: float, end: float, kind: Kind = BATCH) -> list[SealedBatch]:
+    def batches_by_ts(self, start: float, end: float, kind: Kind = BATCH, groups: Groups = None
+                      ) -> list[SealedBatch]:
         """Records whose [lo, hi] overlaps [start, end], ordered by lo."""
-        return self._overlapping(kind, "ts", start, end)
+        return self._overlapping(kind, "ts", start, end, groups)
 
-    def batches_by_received(self, start: float, end: float) -> list[SealedBatch]:
-        """Batches whose [rec_lo, rec_hi] overlaps [start, end], ordered by lo."""
-        return self._overlapping(BATCH, "rec", start, end)
+    def batches_by_received(self, start: float, end: float, kind: Kind = BATCH, groups: Groups = None
+                            ) -> list[SealedBatch]:
+        """Records whose [rec_lo, rec_hi] overlaps [start, end], ordered by lo."""
+        return self._overlapping(kind, "rec", start, end, groups)
 
-    def batches_by_hi_desc(self, below: float | None = None) -> Iterator[SealedBatch]:
-        """Batches in descending order of hi, fetched page by page."""
+    def batches_by_hi_desc(self, below: float | None = None, kind: Kind = BATCH, groups: Groups = None
+                           ) -> Iterator[SealedBatch]:
+        """Records in descending order of hi, fetched page by page."""
+        if groups is not None and not groups:
+            return
         hi, last_id = (float("inf") if below is None else below), -1
-        sql = (f"SELECT id, {_COLS} FROM records WHERE kind = ? AND (hi < ? OR (hi = ? AND id < ?)) "
+        in_groups, group_ids = _groups_sql(groups)
+        sql = (f"SELECT id, {_COLS} FROM records WHERE kind = ? AND (hi < ? OR (hi = ? AND id < ?)){in_groups} "
                "ORDER BY hi DESC, id DESC LIMIT 64")
         while True:
             try:
-                rows = self._conn().execute(sql, (BATCH, hi, hi, last_id)).fetchall()
+                rows = self._conn().execute(sql, (kind, hi, hi, last_id, *group_ids)).fetchall()
             except sqlite3.Error as err:
                 raise StorageUnavailable(f"SQLite read of {self.path} failed: {err}") from err
             if not rows:
@@ -175,21 +241,72 @@ class SqliteBatchStore:
             hi, last_id = rows[-1][4], rows[-1][0]
 
     def max_ts(self) -> float | None:
-        """The greatest hi of all batches."""
+        """The greatest hi of all batches and segments (two index seeks)."""
         try:
-            row = self._conn().execute("SELECT max(hi) FROM records WHERE kind = ?", (BATCH,)).fetchone()
+            conn = self._conn()
+            his = [conn.execute("SELECT max(hi) FROM records WHERE kind = ?", (kind,)).fetchone()[0]
+                   for kind in (BATCH, SEGMENT)]
         except sqlite3.Error as err:
             raise StorageUnavailable(f"SQLite read of {self.path} failed: {err}") from err
-        return None if row is None or row[0] is None else float(row[0])
+        return max((float(hi) for hi in his if hi is not None), default=None)
+
+    def pending_windows(self, window_s: int, before: float) -> list[tuple[int, int]]:
+        """(window, group) of write batches with hi below ``before`` (a range of the hi index)."""
+        try:
+            rows = self._conn().execute("SELECT DISTINCT lo, grp FROM records WHERE kind = ? AND hi < ?",
+                                        (BATCH, before)).fetchall()
+        except sqlite3.Error as err:
+            raise StorageUnavailable(f"SQLite read of {self.path} failed: {err}") from err
+        return sorted({(int(lo // window_s), grp) for lo, grp in rows})
+
+    def swap(self, old: Sequence[SealedBatch], new: Sequence[SealedBatch]) -> bool:
+        """Delete ``old`` and insert segments ``new`` in one transaction, then give freed pages back."""
+        conn = self._conn()
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                for b in old:
+                    cur = conn.execute("DELETE FROM records WHERE uid = ? AND key_id = ? AND kind IN (?, ?)",
+                                       (b.uid, b.key_id, BATCH, SEGMENT))
+                    if cur.rowcount != 1:
+                        conn.execute("ROLLBACK")
+                        return False
+                classes: set[tuple[str, str, int]] = set()
+                self._insert(conn, SEGMENT, new, classes)
+                conn.execute("COMMIT")
+                self._known_classes |= classes
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("PRAGMA incremental_vacuum")
+        except sqlite3.Error as err:
+            raise StorageUnavailable(f"SQLite write to {self.path} failed: {err}") from err
+        return True
 
     def states(self, prefix: str) -> list[SealedState]:
-        """State records whose name starts with ``prefix``."""
+        """Named records whose name starts with ``prefix`` (a range of the primary key)."""
+        sql = "SELECT name, key_id, body FROM states"
+        params: tuple[str, ...] = ()
+        if prefix:
+            sql, params = sql + " WHERE name >= ? AND name < ?", (prefix, prefix[:-1] + chr(ord(prefix[-1]) + 1))
         try:
-            rows = self._conn().execute("SELECT name, key_id, body FROM states WHERE substr(name, 1, ?) = ?",
-                                        (len(prefix), prefix)).fetchall()
+            rows = self._conn().execute(sql, params).fetchall()
         except sqlite3.Error as err:
             raise StorageUnavailable(f"SQLite read of {self.path} failed: {err}") from err
         return [SealedState(r[0], r[1], bytes(r[2])) for r in rows]
+
+    def get_states(self, names: Sequence[str]) -> list[SealedState]:
+        """The named records of ``names`` that exist (primary-key lookups)."""
+        out: list[SealedState] = []
+        try:
+            for i in range(0, len(names), _IN_CHUNK):
+                chunk = names[i:i + _IN_CHUNK]
+                rows = self._conn().execute(f"SELECT name, key_id, body FROM states WHERE name IN "
+                                            f"({','.join('?' * len(chunk))})", tuple(chunk)).fetchall()
+                out += [SealedState(r[0], r[1], bytes(r[2])) for r in rows]
+        except sqlite3.Error as err:
+            raise StorageUnavailable(f"SQLite read of {self.path} failed: {err}") from err
+        return out
 
     def records(self) -> Iterator[tuple[Kind | Literal["state"], SealedBatch | SealedState]]:
         """Every record, for re-sealing (paged by id, so it sees a consistent order while rows change)."""

@@ -178,7 +178,7 @@ def run(settings: Settings, authid: str = "query") -> int:
         return 2
     tune_gc()
     reactor.suggestThreadPoolSize(THREADS[settings.storage.backend])
-    service = QueryService(settings.query, store, keys)
+    service = QueryService(settings.query, store, keys, tag_bits=settings.storage.device_tag_bits)
     audit = AuditLog(store, keys, f"{socket.gethostname()}:{os.getpid()}", settings.query.max_results)
     component = make_component(settings.router, ticket_auth(authid, ticket))
     adapter = QueryAdapter(component, service, audit, reactor)

@@ -144,10 +144,11 @@ def inspect(container: str) -> dict[str, Any]:
 
 
 def write_env_file(path: Path, port: int) -> None:
-    """.env.example with a fresh storage key, a free loopback port, the images built for the test."""
+    """.env.example with fresh storage and index keys, a free loopback port, the images built for the test."""
     text = (REPO / ".env.example").read_text()
     values = {
         "IOT_KEYS": base64.b64encode(os.urandom(32)).decode(),
+        "IOT_INDEX_KEY": base64.b64encode(os.urandom(32)).decode(),
         "SENSORHUB_BIND": "127.0.0.1",
         "SENSORHUB_PORT": str(port),
         "SENSORHUB_TAG": os.environ["SENSORHUB_TAG"],

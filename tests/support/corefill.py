@@ -21,7 +21,7 @@ QUERY = QuerySettings()
 
 def new_ring() -> KeyRing:
     """A key ring with one fresh key."""
-    return KeyRing.of([os.urandom(32)])
+    return KeyRing.of([os.urandom(32)], os.urandom(32))
 
 
 @dataclass
@@ -44,14 +44,14 @@ class Ingested:
 
 
 def ingest(store: BatchStore, ring: KeyRing, storage: StorageSettings = STORAGE, batching: BatchingSettings = BATCHING,
-           clock: Any = None) -> Ingested:
-    """A started ingest service writing to ``store``."""
+           clock: Any = None, compact: bool = False) -> Ingested:
+    """A started ingest service writing to ``store`` (its compactor runs only when asked: tests compact by hand)."""
     holder: list[Ingested] = []
     kwargs = {"clock": clock} if clock else {}
     service = IngestService(storage, batching, store, lambda: ring, lambda acks: holder[0].acks.append(acks),
                             **kwargs)
     holder.append(Ingested(service))
-    service.start()
+    service.start(compact=compact)
     return holder[0]
 
 

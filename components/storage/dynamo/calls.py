@@ -1,11 +1,15 @@
-"""Calls to one DynamoDB table: throttling retried with backoff for a bounded time, failures StorageUnavailable."""
+"""Calls to one DynamoDB table: throttling retried with backoff for a bounded time, failures StorageUnavailable.
+
+Batched calls are cut to DynamoDB's limits here: BatchGetItem 100 keys a call, BatchWriteItem 25 requests and
+16 MB a call, their unprocessed keys and items retried with exponential backoff and jitter.
+"""
 
 from __future__ import annotations
 
 import itertools
 import random
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
@@ -29,6 +33,9 @@ if TYPE_CHECKING:
     from mypy_boto3_dynamodb.client import DynamoDBClient
 
 BATCH_GET_MAX_KEYS = 100
+BATCH_WRITE_MAX_ITEMS = 25
+BATCH_WRITE_MAX_BYTES = 16 * 1024 * 1024
+TRANSACT_MAX_ITEMS = 100
 RETRY_BUDGET_S = 20.0
 """How long throttling and unprocessed items are retried before a call gives up with StorageUnavailable."""
 BACKOFF_BASE_S, BACKOFF_CAP_S = 0.05, 2.0
@@ -42,8 +49,19 @@ CREDENTIAL_CODES = frozenset({"UnrecognizedClientException", "InvalidSignatureEx
 CONDITION_FAILED = "ConditionalCheckFailedException"
 CAS = frozenset({CONDITION_FAILED})
 """``passthrough`` for conditional writes: a failed condition is raised as the ClientError, not retried."""
+TRANSACTION_CANCELED = "TransactionCanceledException"
 
 T = TypeVar("T")
+
+
+def item_size(item: Item) -> int:
+    """An item's size as DynamoDB counts it, closely enough to keep a BatchWriteItem under 16 MB."""
+    size = 0
+    for name, value in item.items():
+        size += len(name)
+        for typ, v in value.items():
+            size += len(v) if typ == "B" else len(str(v).encode("utf-8"))
+    return size + 100
 
 
 def redact(url: str) -> str:
@@ -136,11 +154,15 @@ class DynamoTable:
                 return
 
     def batch_get(self, keys: list[Item], projection: str | None = None) -> Iterator[Item]:
-        """BatchGetItem, consistent, 100 keys a call, following UnprocessedKeys."""
+        """BatchGetItem, consistent, 100 keys a call, following UnprocessedKeys.
+
+        ``projection`` names attributes as ``#name`` (e.g. ``"#pk, #sk"``); each is mapped to ``name``.
+        """
         for i in range(0, len(keys), BATCH_GET_MAX_KEYS):
             request: dict[str, Any] = {"Keys": keys[i:i + BATCH_GET_MAX_KEYS], "ConsistentRead": True}
             if projection:
-                request.update(ProjectionExpression=projection, ExpressionAttributeNames={"#pk": "pk", "#sk": "sk"})
+                names = {n.strip(): n.strip()[1:] for n in projection.split(",")}
+                request.update(ProjectionExpression=projection, ExpressionAttributeNames=names)
             deadline = time.monotonic() + self.retry_budget_s
             for attempt in itertools.count(1):  # ends: nothing unprocessed, or backoff raises at the deadline
                 resp = self.call("BatchGetItem", self.client.batch_get_item, RequestItems={self.name: request})
@@ -152,6 +174,39 @@ class DynamoTable:
                 if not got:  # a response cut by size makes progress and is read on at once; none means throttled
                     self.backoff(attempt, deadline, f"BatchGetItem left {len(left['Keys'])} keys unprocessed")
                 request = dict(left)
+
+    def write(self, requests: Sequence[Item]) -> None:
+        """BatchWriteItem (PutRequest/DeleteRequest items) in chunks of at most 25 requests and 16 MB."""
+        chunk: list[Item] = []
+        size = 0
+        for req in requests:
+            body = req.get("PutRequest", {}).get("Item") or req["DeleteRequest"]["Key"]
+            n = item_size(body)
+            if chunk and (len(chunk) == BATCH_WRITE_MAX_ITEMS or size + n > BATCH_WRITE_MAX_BYTES):
+                self._write_chunk(chunk)
+                chunk, size = [], 0
+            chunk.append(req)
+            size += n
+        if chunk:
+            self._write_chunk(chunk)
+
+    def _write_chunk(self, chunk: list[Item]) -> None:
+        pending: list[Any] = chunk
+        deadline = time.monotonic() + self.retry_budget_s
+        for attempt in itertools.count(1):  # ends: all processed, or backoff raises at the deadline
+            resp = self.call("BatchWriteItem", self.client.batch_write_item, RequestItems={self.name: pending})
+            pending = list(resp.get("UnprocessedItems", {}).get(self.name, []))
+            if not pending:
+                return
+            self.backoff(attempt, deadline, f"BatchWriteItem left {len(pending)} of {len(chunk)} items unprocessed")
+
+    def put_all(self, items: Iterable[Item]) -> None:
+        """Put ``items`` (BatchWriteItem)."""
+        self.write([{"PutRequest": {"Item": i}} for i in items])
+
+    def delete_all(self, keys: Iterable[Item]) -> None:
+        """Delete the items of ``keys`` (BatchWriteItem; a missing item is no error)."""
+        self.write([{"DeleteRequest": {"Key": k}} for k in keys])
 
     def close(self) -> None:
         """Close the client's connections."""

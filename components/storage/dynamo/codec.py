@@ -1,4 +1,7 @@
-"""Items ⇄ sealed records: attribute values, the order-preserving float encoding, digests and record limits."""
+"""Items ⇄ sealed records: attribute values, the order-preserving float encoding, digests and record limits.
+
+A record item without a ``grp`` attribute (layout version 1, before device groups) is of group 0.
+"""
 
 from __future__ import annotations
 
@@ -8,10 +11,11 @@ import struct
 from typing import Any
 
 from components.core.errors import StorageUnavailable
-from components.storage.interface import SealedBatch
+from components.storage.interface import EVERY_GROUP, SealedBatch
 
 MAX_BODY_BYTES = 350 * 1024
 """Largest sealed body of one item: DynamoDB's 400 KB item limit less room for keys and index fields."""
+MAX_GROUP = 65535
 
 _SIGN, _MASK = 1 << 63, (1 << 64) - 1
 
@@ -54,7 +58,7 @@ def record_attrs(b: SealedBatch) -> Item:
     return {"uid": attr_s(b.uid), "bucket": attr_n(b.bucket), "lo": attr_s(encode_float(b.lo)),
             "hi": attr_s(encode_float(b.hi)), "rl": attr_s(encode_float(b.rec_lo)),
             "rh": attr_s(encode_float(b.rec_hi)), "n": attr_n(b.count), "k": attr_s(b.key_id), "f": attr_n(b.fmt),
-            "v": {"B": b.body}, "h": attr_s(digest(b.key_id, b.body))}
+            "v": {"B": b.body}, "h": attr_s(digest(b.key_id, b.body)), "grp": attr_n(b.group)}
 
 
 def record_of(item: Item) -> SealedBatch:
@@ -62,7 +66,12 @@ def record_of(item: Item) -> SealedBatch:
     return SealedBatch(item["uid"]["S"], int(item["bucket"]["N"]), decode_float(item["lo"]["S"]),
                        decode_float(item["hi"]["S"]), decode_float(item["rl"]["S"]),
                        decode_float(item["rh"]["S"]), int(item["n"]["N"]), item["k"]["S"],
-                       bytes(item["v"]["B"]), int(item["f"]["N"]))
+                       bytes(item["v"]["B"]), int(item["f"]["N"]), group_of(item))
+
+
+def group_of(item: Item) -> int:
+    """The device group of a record item (group 0 when it has none: written before device groups)."""
+    return int(item["grp"]["N"]) if "grp" in item else EVERY_GROUP
 
 
 def check_record(kind: str, b: SealedBatch) -> None:
@@ -74,5 +83,7 @@ def check_record(kind: str, b: SealedBatch) -> None:
             "batches to store.max_body_bytes before sealing (components.core.batches.split_batch)")
     if not all(math.isfinite(x) for x in (b.lo, b.hi, b.rec_lo, b.rec_hi)):
         raise ValueError(f"{kind} {b.uid} has a time bound that is not finite")
+    if not 0 <= b.group <= MAX_GROUP:
+        raise ValueError(f"{kind} {b.uid} has group {b.group}, expected 0 to {MAX_GROUP}")
     if not b.uid or len(b.uid.encode("utf-8")) > 512:
         raise ValueError(f"{kind} uid must be 1 to 512 bytes, got {len(b.uid.encode('utf-8'))}")

@@ -1,67 +1,29 @@
 """Writing records: BatchWriteItem in bounded chunks, directory entries first, each uid once.
 
-Writes use BatchWriteItem (25 items, 16 MB a call) with UnprocessedItems and throttling retried with
-exponential backoff and jitter for a bounded time. A commit is not one transaction: it writes directory
-entries, then batches (skipping uids already stored, so retries store nothing twice), then the ``max_hi``
-marker, then the state record; a crash in between leaves batches without the state that acknowledges
-them, so their readings may be stored again when devices resend, but none is lost.
+Writes use BatchWriteItem (25 items, 16 MB a call, see :meth:`~components.storage.dynamo.calls.DynamoTable.write`)
+with UnprocessedItems and throttling retried with exponential backoff and jitter for a bounded time. A commit is
+not one transaction (``atomic_commit`` is False): it writes directory and pending entries, then batches
+(skipping uids already stored, so retries store nothing twice), then the ``max_hi`` marker, then the device
+rows, then the counters record; a crash in between leaves batches without the rows and counters that
+acknowledge them, so the core folds them in again from its replay record (or devices resend), but none is lost.
 """
 
 from __future__ import annotations
 
-import itertools
 import math
 import threading
 import time
-from collections.abc import Iterable, Sequence
-from typing import Any
+from collections.abc import Callable, Iterable, Sequence
 
 from botocore.exceptions import ClientError
 
 from components.storage.dynamo.calls import CAS, DynamoTable
 from components.storage.dynamo.codec import Item, attr_s, check_record, digest, encode_float, record_attrs
-from components.storage.dynamo.layout import CODE_KIND, Layout
+from components.storage.dynamo.layout import CODE_KIND, PENDING_LEASE_S, Layout
 from components.storage.interface import SealedBatch
 
-BATCH_WRITE_MAX_ITEMS = 25
-BATCH_WRITE_MAX_BYTES = 16 * 1024 * 1024
-
-
-def item_size(item: Item) -> int:
-    """An item's size as DynamoDB counts it, closely enough to keep a BatchWriteItem under 16 MB."""
-    size = 0
-    for name, value in item.items():
-        size += len(name)
-        for typ, v in value.items():
-            size += len(v) if typ == "B" else len(str(v).encode("utf-8"))
-    return size + 100
-
-
-def write(table: DynamoTable, requests: Sequence[Item]) -> None:
-    """BatchWriteItem in chunks of at most 25 requests and 16 MB."""
-    chunk: list[Item] = []
-    size = 0
-    for req in requests:
-        body = req.get("PutRequest", {}).get("Item") or req["DeleteRequest"]["Key"]
-        n = item_size(body)
-        if chunk and (len(chunk) == BATCH_WRITE_MAX_ITEMS or size + n > BATCH_WRITE_MAX_BYTES):
-            _write_chunk(table, chunk)
-            chunk, size = [], 0
-        chunk.append(req)
-        size += n
-    if chunk:
-        _write_chunk(table, chunk)
-
-
-def _write_chunk(table: DynamoTable, chunk: list[Item]) -> None:
-    pending: list[Any] = chunk
-    deadline = time.monotonic() + table.retry_budget_s
-    for attempt in itertools.count(1):  # ends: all processed, or backoff raises at the deadline
-        resp = table.call("BatchWriteItem", table.client.batch_write_item, RequestItems={table.name: pending})
-        pending = list(resp.get("UnprocessedItems", {}).get(table.name, []))
-        if not pending:
-            return
-        table.backoff(attempt, deadline, f"BatchWriteItem left {len(pending)} of {len(chunk)} items unprocessed")
+KNOWN_ENTRIES_MAX = 200_000
+"""Directory entries a process remembers as written; past this it forgets them (and writes them once more)."""
 
 
 def replace_record(table: DynamoTable, layout: Layout, code: str, old: SealedBatch, new: SealedBatch) -> bool:
@@ -71,8 +33,9 @@ def replace_record(table: DynamoTable, layout: Layout, code: str, old: SealedBat
         table.call("UpdateItem", table.client.update_item, passthrough=CAS, TableName=table.name,
                    Key=layout.record_key(code, old),
                    UpdateExpression="SET #k = :k, #v = :v, #h = :h",
-                   ConditionExpression="attribute_exists(#pk) AND #k = :ok AND #h = :oh",
-                   ExpressionAttributeNames={"#pk": "pk", "#k": "k", "#v": "v", "#h": "h"},
+                   ConditionExpression="attribute_exists(#pk) AND attribute_not_exists(#pend) AND #k = :ok "
+                                       "AND #h = :oh",
+                   ExpressionAttributeNames={"#pk": "pk", "#pend": "pend", "#k": "k", "#v": "v", "#h": "h"},
                    ExpressionAttributeValues={":k": attr_s(new.key_id), ":v": {"B": new.body},
                                               ":h": attr_s(digest(new.key_id, new.body)),
                                               ":ok": attr_s(old.key_id), ":oh": attr_s(digest(old.key_id, old.body))})
@@ -81,14 +44,22 @@ def replace_record(table: DynamoTable, layout: Layout, code: str, old: SealedBat
     return True
 
 
-class RecordWriter:
-    """Stores records, remembering which directory entries and ``max_hi`` this process has written (thread-safe)."""
+def record_item(layout: Layout, code: str, b: SealedBatch) -> Item:
+    """The whole item of a record of kind ``code``: keys, arrival-index keys (batches, segments), attributes."""
+    return {**layout.record_key(code, b), **record_attrs(b), **layout.arrival_key(code, b)}
 
-    def __init__(self, table: DynamoTable, layout: Layout) -> None:
+
+class RecordWriter:
+    """Stores records, remembering which directory and pending entries and ``max_hi`` this process has written
+    (thread-safe)."""
+
+    def __init__(self, table: DynamoTable, layout: Layout, clock: Callable[[], float] = time.monotonic) -> None:
         """Write records of ``layout`` to ``table``."""
         self.table, self.layout = table, layout
+        self._clock = clock
         self._lock = threading.Lock()
         self._known: set[tuple[str, str]] = set()  # directory entries this process knows are written
+        self._leased: dict[str, float] = {}  # pending entries: when this process last put them (monotonic)
         self._max_hi_known = -math.inf  # the max_hi marker is known to be at least this
 
     def register(self, entries: Iterable[Item]) -> None:
@@ -96,27 +67,49 @@ class RecordWriter:
         with self._lock:
             todo = {(e["pk"]["S"], e["sk"]["S"]): e for e in entries if (e["pk"]["S"], e["sk"]["S"]) not in self._known}
         if todo:
-            write(self.table, [{"PutRequest": {"Item": e}} for e in todo.values()])
+            self.table.put_all(todo.values())
             with self._lock:
+                if len(self._known) + len(todo) > KNOWN_ENTRIES_MAX:
+                    self._known.clear()
                 self._known.update(todo)
 
-    def store(self, code: str, records: Sequence[SealedBatch]) -> int:
-        """Store records of kind ``code`` not stored yet (each uid once); return the bytes of bodies written."""
+    def lease(self, batches: Iterable[SealedBatch]) -> None:
+        """Put the pending entries of the batches' partitions not put by this process within the lease."""
+        now = self._clock()
+        with self._lock:
+            self._leased = {sk: t for sk, t in self._leased.items() if now - t < PENDING_LEASE_S}
+            todo = {}
+            for b in batches:
+                key = self.layout.pending_key(b)
+                if key["sk"]["S"] not in self._leased:
+                    todo[key["sk"]["S"]] = key
+        if todo:
+            self.table.put_all({**key, "at": {"N": repr(time.time())}} for key in todo.values())
+            with self._lock:
+                self._leased.update(dict.fromkeys(todo, now))
+
+    def unique(self, code: str, records: Sequence[SealedBatch]) -> dict[str, SealedBatch]:
+        """The records by uid (the first of each), every one checked to fit an item."""
         unique: dict[str, SealedBatch] = {}
         for b in records:
             check_record(CODE_KIND[code], b)
             unique.setdefault(b.uid, b)
+        return unique
+
+    def store(self, code: str, records: Sequence[SealedBatch]) -> int:
+        """Store records of kind ``code`` not stored yet (each uid once); return the bytes of bodies written."""
+        unique = self.unique(code, records)
         if not unique:
             return 0
         self.register(e for b in unique.values() for e in self.layout.directory_entries(code, b))
+        if code == "b":
+            self.lease(unique.values())
         keys = {b.uid: self.layout.record_key(code, b) for b in unique.values()}
         stored = {(i["pk"]["S"], i["sk"]["S"]) for i in self.table.batch_get(list(keys.values()),
                                                                              projection="#pk, #sk")}
         new = [b for uid, b in unique.items() if (keys[uid]["pk"]["S"], keys[uid]["sk"]["S"]) not in stored]
-        # only batches are in the arrival-time index (a sparse GSI: audit chunks cost nothing there)
-        write(self.table, [{"PutRequest": {"Item": {**keys[b.uid], **record_attrs(b),
-                                                    **(self.layout.arrival_key(b) if code == "b" else {})}}}
-                           for b in new])
+        # audit chunks stay out of the arrival-time index (a sparse GSI: they cost nothing there)
+        self.table.put_all(record_item(self.layout, code, b) for b in new)
         return sum(len(b.body) for b in new)
 
     def raise_max_hi(self, hi: float) -> None:
