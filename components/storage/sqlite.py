@@ -85,8 +85,6 @@ class SqliteBatchStore:
         self._known_classes: set[tuple[str, str, int]] = set()
         conn = self._conn()
         with conn:
-            if conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0] == 0:
-                conn.execute("PRAGMA auto_vacuum=INCREMENTAL")  # only takes effect before the first table
             conn.executescript(_SCHEMA)
             row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
             if row is None:
@@ -108,6 +106,7 @@ class SqliteBatchStore:
             try:
                 conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None,
                                        check_same_thread=False)
+                conn.execute("PRAGMA auto_vacuum=INCREMENTAL")  # takes effect on a new file only (before WAL)
                 conn.execute("PRAGMA journal_mode=WAL")
                 conn.execute("PRAGMA synchronous=NORMAL")
                 conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
@@ -278,7 +277,7 @@ class SqliteBatchStore:
             except BaseException:
                 conn.execute("ROLLBACK")
                 raise
-            conn.execute("PRAGMA incremental_vacuum")
+            conn.executescript("PRAGMA incremental_vacuum;")  # stepped to the end (execute frees one page)
         except sqlite3.Error as err:
             raise StorageUnavailable(f"SQLite write to {self.path} failed: {err}") from err
         return True
