@@ -196,13 +196,17 @@ class SqliteBatchStore:
         classes = sorted(self._span_classes(kind, axis))
         if not classes or (groups is not None and not groups):
             return []
-        in_groups, group_ids = _groups_sql(groups)
         parts: list[str] = []
         params: list[Any] = []
-        for c in classes:
-            parts.append(f"SELECT {_COLS} FROM records WHERE kind = ? AND {class_col} = ? "
-                         f"AND {lo_col} BETWEEN ? AND ? AND {hi_col} >= ?{in_groups}")
-            params += [kind, c, start - 2.0**c, end, start, *group_ids]
+        for c in classes:  # one range seek per class, and per group when limited to groups (grp = ? leads the index)
+            where = (f"kind = ? AND {class_col} = ? AND {lo_col} BETWEEN ? AND ? AND {hi_col} >= ?")
+            if groups is None:
+                parts.append(f"SELECT {_COLS} FROM records WHERE {where}")
+                params += [kind, c, start - 2.0**c, end, start]
+                continue
+            for g in sorted(set(groups)):
+                parts.append(f"SELECT {_COLS} FROM records WHERE grp = ? AND {where}")
+                params += [g, kind, c, start - 2.0**c, end, start]
         sql = " UNION ALL ".join(parts) + " ORDER BY lo"
         try:
             return list(map(_row, self._conn().execute(sql, params)))
