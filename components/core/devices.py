@@ -77,10 +77,6 @@ class DeviceIndex:
         """Name of the device's row."""
         return self._entry(device_id)[1]
 
-    def shard_groups(self, shard: int, shards: int) -> Callable[[int], bool]:
-        """Which groups a storage shard compacts: ``group % shards == shard`` (group 0 belongs to shard 0)."""
-        return lambda g: g % shards == shard
-
 
 @dataclass(slots=True)
 class DeviceRow:
