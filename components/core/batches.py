@@ -208,7 +208,12 @@ def _state_ad(name: str, key_id: str) -> bytes:
 
 def seal_state(ring: KeyRing, name: str, value: Any) -> SealedState:
     """Seal a state record (any msgpack-able value) under its name."""
-    key_id, body = ring.seal(msgpack.packb(value), _state_ad(name, ring.active_id))
+    return seal_packed(ring, name, msgpack.packb(value))
+
+
+def seal_packed(ring: KeyRing, name: str, packed: bytes) -> SealedState:
+    """Seal a state record whose value is packed already."""
+    key_id, body = ring.seal(packed, _state_ad(name, ring.active_id))
     return SealedState(name, key_id, body)
 
 

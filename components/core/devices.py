@@ -90,12 +90,16 @@ class DeviceRow:
         """The row as sealed."""
         return [ROW_FORMAT, self.device_id, self.marks, self.types]
 
+    def packed(self) -> bytes:
+        """The row as sealed, packed."""
+        return msgpack.packb([ROW_FORMAT, self.device_id, self.marks, self.types])
+
     @classmethod
     def of(cls, value: Sequence[Any]) -> DeviceRow:
-        """Inverse of :meth:`value`."""
+        """Inverse of :meth:`value`, taking ``value``'s dicts (an unpacked row is fresh: nothing else holds them)."""
         if not value or value[0] != ROW_FORMAT:
             raise ValueError(f"device row of format {value[0] if value else None!r}, this version reads {ROW_FORMAT}")
-        return cls(value[1], dict(value[2]), {k: list(v) for k, v in value[3].items()})
+        return cls(value[1], value[2], value[3])
 
     def fold(self, sensor_type: str, rec: float, ts: list[float], values: list[float], seqs: list[Any] | None,
              datas: list[Any] | None) -> None:
@@ -188,7 +192,10 @@ class RowCache:
 
     def put(self, rows: Iterable[DeviceRow]) -> None:
         """Remember rows as committed."""
-        packed = [(r.device_id, msgpack.packb(r.value())) for r in rows]
+        self.put_packed([(r.device_id, r.packed()) for r in rows])
+
+    def put_packed(self, packed: Sequence[tuple[str, bytes]]) -> None:
+        """Remember rows as committed, packed (:meth:`DeviceRow.packed`)."""
         with self._lock:
             for d, p in packed:
                 self._rows[d] = p

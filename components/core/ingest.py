@@ -32,7 +32,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from components.core import readings as rd
-from components.core.batches import OpenBatch, group_epoch, open_groups, open_state, seal_batch, seal_state, split_batch
+from components.core.batches import (
+    OpenBatch,
+    group_epoch,
+    open_groups,
+    open_state,
+    seal_batch,
+    seal_packed,
+    seal_state,
+    split_batch,
+)
 from components.core.compactor import Compactor
 from components.core.devices import NO_EPOCH, DeviceIndex, DeviceRow, RowCache
 from components.core.errors import IotError
@@ -542,7 +551,8 @@ class IngestService:
                 n += len(g[3])
         for (device_id, epoch), seq in job.marks.items():
             rows[device_id].raise_mark(epoch, seq)
-        sealed_rows = [seal_state(ring, self.index.row_name(d), r.value()) for d, r in rows.items()]
+        packed = [(d, r.packed()) for d, r in rows.items()]
+        sealed_rows = [seal_packed(ring, self.index.row_name(d), p) for d, p in packed]
         pending = Counters.from_dict(job.counters)
         pending.stored, pending.batches = self._committed.stored + n, self._committed.batches + len(sealed)
         pending.bytes = self._committed.bytes
@@ -576,7 +586,7 @@ class IngestService:
         pending.bytes += written
         self._committed = pending
         self._recent = deque(recent)
-        self.rows.put(rows.values())
+        self.rows.put_packed(packed)
         if job.marks:
             self._on_commit({(d, e): rows[d].marks[NO_EPOCH if e is None else e] for d, e in job.marks})
         return True

@@ -22,6 +22,7 @@ import logging
 import os
 import secrets
 import tempfile
+import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -39,6 +40,8 @@ log = logging.getLogger(__name__)
 
 KEY_BYTES = 32
 NONCE_BYTES = 12
+NONCES_PER_DRAW = 256
+"""Nonces drawn from the OS in one call: a commit seals a record per device row and per batch."""
 TAG_BYTES = 16
 SCRYPT_N, SCRYPT_R, SCRYPT_P = 2**15, 8, 1
 
@@ -84,7 +87,7 @@ class KeyRing:
 
     def seal(self, plaintext: bytes, associated: bytes) -> tuple[str, bytes]:
         """Encrypt with the active key; return (key id, body)."""
-        nonce = secrets.token_bytes(NONCE_BYTES)
+        nonce = _nonce()
         return self.active_id, nonce + self._cipher(self.active_id).encrypt(nonce, plaintext, associated)
 
     def open(self, kid: str, body: bytes, associated: bytes, what: str) -> bytes:
@@ -100,6 +103,28 @@ class KeyRing:
         except InvalidTag:
             raise DecryptionFailed(f"{what} failed its integrity check under key {kid}: the record or one of its "
                                    f"index fields was changed, or it was moved from another row") from None
+
+
+_pool = threading.local()
+
+
+def _new_pool() -> None:
+    global _pool
+    _pool = threading.local()
+
+
+os.register_at_fork(after_in_child=_new_pool)  # a child never hands out its parent's nonces
+
+
+def _nonce() -> bytes:
+    """A random nonce, from a per-thread pool drawn from ``os.urandom`` (each nonce is handed out once)."""
+    pool = _pool
+    at: int = getattr(pool, "at", 0)
+    if at == 0:
+        pool.buf = os.urandom(NONCE_BYTES * NONCES_PER_DRAW)
+    pool.at = (at + NONCE_BYTES) % (NONCE_BYTES * NONCES_PER_DRAW)
+    nonce: bytes = pool.buf[at:at + NONCE_BYTES]
+    return nonce
 
 
 def _create_exclusive(path: Path, content: bytes) -> bool:

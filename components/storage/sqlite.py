@@ -27,6 +27,9 @@ SCHEMA_VERSION = 2
 BUSY_TIMEOUT_MS = 10_000
 _COLS = "uid, bucket, lo, hi, rec_lo, rec_hi, n, key_id, body, fmt, grp"
 _IN_CHUNK = 500
+CACHE_KIB = 8_192
+"""Page cache per connection: device rows are rewritten at random places of their table, and a page read back
+from disk for each of them costs more than the write."""
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -48,7 +51,13 @@ CREATE INDEX IF NOT EXISTS records_by_received ON records (kind, rec_class, rec_
 CREATE INDEX IF NOT EXISTS records_by_hi ON records (kind, hi);
 CREATE TABLE IF NOT EXISTS span_classes (kind TEXT NOT NULL, axis TEXT NOT NULL, class INTEGER NOT NULL,
                                          PRIMARY KEY (kind, axis, class)) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS states (name TEXT PRIMARY KEY, key_id TEXT NOT NULL, body BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS states (name TEXT PRIMARY KEY, key_id TEXT NOT NULL, body BLOB NOT NULL) WITHOUT ROWID;
+"""
+_CLUSTER_STATES = """
+CREATE TABLE states_clustered (name TEXT PRIMARY KEY, key_id TEXT NOT NULL, body BLOB NOT NULL) WITHOUT ROWID;
+INSERT INTO states_clustered SELECT name, key_id, body FROM states;
+DROP TABLE states;
+ALTER TABLE states_clustered RENAME TO states;
 """
 _GROUP_INDEXES = """
 CREATE INDEX IF NOT EXISTS records_by_group_ts ON records (kind, grp, lo_class, lo, hi);
@@ -99,6 +108,10 @@ class SqliteBatchStore:
                 conn.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(SCHEMA_VERSION),))
                 log.info("upgraded %s to schema version %d (device groups)", self.path, SCHEMA_VERSION)
             conn.executescript(_GROUP_INDEXES)
+        sql = conn.execute("SELECT sql FROM sqlite_master WHERE name = 'states'").fetchone()[0]
+        if "WITHOUT ROWID" not in sql.upper():  # files of earlier versions: rows in name order, one b-tree
+            conn.executescript(f"BEGIN IMMEDIATE; {_CLUSTER_STATES} COMMIT;")
+            log.info("%s: named records clustered by name", self.path)
 
     def _conn(self) -> sqlite3.Connection:
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
@@ -110,6 +123,7 @@ class SqliteBatchStore:
                 conn.execute("PRAGMA journal_mode=WAL")
                 conn.execute("PRAGMA synchronous=NORMAL")
                 conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+                conn.execute(f"PRAGMA cache_size=-{CACHE_KIB}")
             except sqlite3.Error as err:
                 raise StorageUnavailable(f"cannot open SQLite database {self.path}: {err}") from err
             self._local.conn = conn
@@ -126,20 +140,21 @@ class SqliteBatchStore:
                 classes: set[tuple[str, str, int]]) -> int:
         """Insert records (those whose uid is stored already are skipped); the body bytes written. Span classes
         the table gains are added to ``classes``, for the caller to remember once its transaction commits."""
-        written = 0
+        rows = []
         for b in records:
             lo_class, rec_class = span_class(b.hi - b.lo), span_class(b.rec_hi - b.rec_lo)
-            cur = conn.execute(
-                "INSERT OR IGNORE INTO records (kind, uid, bucket, lo, hi, lo_class, rec_lo, rec_hi, rec_class, n, "
-                "key_id, fmt, body, grp) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                (kind, b.uid, b.bucket, b.lo, b.hi, lo_class, b.rec_lo, b.rec_hi, rec_class, b.count, b.key_id,
-                 b.fmt, b.body, b.group))
-            if cur.rowcount:
-                written += len(b.body)
+            rows.append((kind, b.uid, b.bucket, b.lo, b.hi, lo_class, b.rec_lo, b.rec_hi, rec_class, b.count,
+                         b.key_id, b.fmt, b.body, b.group))
             for entry in ((kind, "ts", lo_class), (kind, "rec", rec_class)):
                 if entry not in self._known_classes and entry not in classes:  # the table only grows
                     conn.execute("INSERT OR IGNORE INTO span_classes VALUES (?, ?, ?)", entry)
                     classes.add(entry)
+        last = conn.execute("SELECT max(id) FROM records").fetchone()[0] or 0
+        conn.executemany("INSERT OR IGNORE INTO records (kind, uid, bucket, lo, hi, lo_class, rec_lo, rec_hi, "
+                         "rec_class, n, key_id, fmt, body, grp) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)", rows)
+        # ids only grow, so the records this call added are those above the last id before it
+        written: int = conn.execute("SELECT coalesce(sum(length(body)), 0) FROM records WHERE id > ?",
+                                    (last,)).fetchone()[0]
         return written
 
     @property

@@ -166,6 +166,9 @@ def test_committing_a_stored_uid_again_is_a_no_op(any_store: BatchStore) -> None
     assert any_store.commit([r, r], []) == 0
     assert any_store.batches_by_ts(-INF, INF) == [r]
     assert [x for _, x in any_store.records()] == [r]
+    new = rec(12.0, 13.0, body=os.urandom(99))
+    assert any_store.commit([r, new, r], []) == 99  # only what this commit added counts
+    assert any_store.batches_by_ts(-INF, INF) == [r, new]
 
 
 def test_states_are_found_by_prefix_and_a_commit_replaces_them(any_store: BatchStore) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sqlite3
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -249,6 +250,8 @@ def v1_answers(q: QueryService) -> dict[str, Any]:
 
 def test_a_store_of_the_previous_version_opens_is_compacted_and_answers_as_that_version_did(v1_store) -> None:
     store, keys, expected = v1_store
+    table = sqlite3.connect(store.path).execute("SELECT sql FROM sqlite_master WHERE name = 'states'").fetchone()
+    assert "WITHOUT ROWID" in table[0]  # its named records were clustered by name on opening
     ring = keys.load()  # the key file gains an index key, which later loads keep
     assert keys.load().index_key == ring.index_key
     assert v1_answers(query(store, ring)) == expected
