@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from components.core.errors import ConfigError
 from components.core.files import write_private
 from components.core.settings import Settings
 from components.ops.credentials import CredentialStore
@@ -32,6 +33,7 @@ ROUTER_WORKER_ID = "router"
 BACKEND = "router"
 """The name of a proxy's connection to the router worker."""
 SOCKET_NAME = "router.sock"
+MAX_SOCKET_PATH = 107
 BACKEND_SERIALIZER = "msgpack"
 BOOT_COMPLETE = "NODE_BOOT_COMPLETE"
 """Crossbar's log marker once the node has applied its whole config."""
@@ -75,7 +77,12 @@ def render(settings: Settings, template: dict[str, Any] | None = None, router_di
         else:
             options["require_ip"] = list(LOOPBACK_NETS)
     if r.proxy_workers:
-        _with_proxies(cfg, r.proxy_workers, node_dir(settings) / SOCKET_NAME)
+        socket_path = node_dir(settings) / SOCKET_NAME
+        if len(str(socket_path).encode()) > MAX_SOCKET_PATH:
+            raise ConfigError(f"setting router.proxy_workers: the router's socket {socket_path} is longer than "
+                              f"{MAX_SOCKET_PATH} bytes, more than a Unix socket path may be; set a shorter "
+                              "paths.run_dir")
+        _with_proxies(cfg, r.proxy_workers, socket_path)
     return cfg
 
 
