@@ -6,8 +6,8 @@ import subprocess
 import sys
 
 from components.core.settings import load_settings
-from components.ops.launcher import crossbar_executable
 from components.ops import router_config
+from components.ops.launcher import crossbar_executable
 from components.ops.router_config import bridge_base
 from tests.support.harness import REPO, free_port, write_config
 
