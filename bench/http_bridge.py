@@ -9,9 +9,14 @@ bounded Python client, bench/_httpclient.py) posts ``{"procedure": "iot.fetch_be
 client keeping its connection alive, as HTTP client libraries do. The router-only baseline in the same
 run: the same requests answered by a callee that returns the same answer without doing anything
 (bench/_echo_callee.py), in the order ceiling, stored, stored, ceiling (stored, ceiling in quick mode).
-Figures: requests per second, p50, p99, failures; CPU seconds per process over the run; the query
-callee's peak RSS; and the kernel's ListenDrops over each run (connections the router's listen queue had
-no room for: each costs the client a SYN retransmission, a second or more of latency).
+All of it in each router layout in turn: the router worker holding the web transport (``router.proxy_workers``
+0), then 1 and 2 proxy workers holding it. Figures: requests per second, p50, p99, failures; CPU seconds
+per process over the run (router worker, proxy workers, node controller, callee, client) and per request, and
+each one's share of a core (``busy_*``); the query callee's peak RSS; how many records the query reads (those
+of device 1's group, which other devices may share: the index key is random per run); and the kernel's
+ListenDrops over each run (connections a listen queue had no room for: each costs the client a SYN
+retransmission, a second or more of latency). Then, over WAMP and one call at a time in the default layout,
+p50 and p99 of a 10-reading ``fetch_between_window`` next to an echo callee answering the same 10 readings.
 """
 
 from __future__ import annotations
@@ -38,18 +43,20 @@ from bench.stack import (
     provision,
     python_module,
     read_json,
+    run_caller,
     start_component,
     start_router,
     workspace,
     write_settings,
 )
-from bench.usage import MemorySampler, cpu_seconds, machine_busy_seconds
+from bench.usage import MemorySampler, crossbar_processes, machine_busy_seconds, own_cpu_seconds
 from components.core.query import QueryService
 from components.core.sealing import KeyFile
-from components.core.settings import Settings
+from components.core.settings import RouterSettings, Settings
 from components.ops import router_config
 from components.ops.supervisor import Child
 from components.ops.waiting import free_port
+from components.storage.interface import BATCH, SEGMENT
 from components.storage.sqlite import SqliteBatchStore
 from components.wamp import uris
 from components.wamp.callee import answer
@@ -61,11 +68,22 @@ REQUESTS, REQUESTS_QUICK = 10_000, 3_000
 SECONDS, SECONDS_QUICK = 25, 6
 """Each load run ends at its request count or after this many seconds, whichever comes first."""
 WARMUP, WARMUP_SECONDS = 300, 3
-TARGET_REQ_PER_S, TARGET_P99_MS = 1150.0, 250.0
+TARGET_REQ_PER_S, TARGET_P99_MS, TARGET_RATIO = 1150.0, 250.0, 0.8
+LAYOUTS = (0, 1, 2)
+"""Proxy workers of the router layouts measured side by side (0: the router worker holds the web transport)."""
+DEFAULT_LAYOUT = RouterSettings.proxy_workers
+ECHO_PROCEDURE = "iot.fetch_echo"
+"""What the echo callee registers for the WAMP latencies (the query role may register it, a reader call it)."""
 RUN_TIMEOUT_S = 180.0
 COLUMNS = {"http": ["rows", "requests", "req_per_s", "ceiling_req_per_s", "ratio", "p50_ms", "p99_ms",
-                    "ceiling_p99_ms", "failures", "listen_drops", "target", "meets_target", "cpu_s_router",
-                    "cpu_s_callee", "cpu_s_client", "query_rss_peak_mb"]}
+                    "ceiling_p99_ms", "failures", "listen_drops", "meets_target", "router_us_per_request",
+                    "proxies_us_per_request", "callee_us_per_request", "busy_router", "busy_proxies", "busy_callee",
+                    "query_rss_peak_mb"],
+           "http_wamp": ["rows", "calls", "p50_ms", "p99_ms", "echo_p50_ms", "echo_p99_ms", "p50_ratio", "errors"],
+           "http_layouts": ["req_per_s_proxies0", "req_per_s_proxies1", "req_per_s_proxies2",
+                            "stack_us_per_request_proxies0", "stack_us_per_request_proxies1",
+                            "stack_us_per_request_proxies2", "fastest_proxy_workers", "leanest_proxy_workers",
+                            "default_proxy_workers"]}
 
 
 def find_ab(opts: Options) -> str | None:
@@ -141,8 +159,9 @@ class Client:
         """Which client it is."""
         return "ab" if self.ab else "python"
 
-    def run(self, total: int, seconds: int, watched: dict[str, Child], keep_alive: bool = False) -> Load:
-        """``total`` requests (at most ``seconds``), CONCURRENCY at a time; CPU of ``watched`` and the client.
+    def run(self, total: int, seconds: int, watched: dict[str, list[int]], keep_alive: bool = False) -> Load:
+        """``total`` requests (at most ``seconds``), CONCURRENCY at a time; CPU of the processes ``watched`` (by
+        name, their pids) and of the client.
 
         ``keep_alive`` (ab only): each client sends its requests on one connection, as an HTTP library does."""
         self.runs += 1
@@ -155,7 +174,7 @@ class Client:
         else:
             argv = python_module("bench._httpclient", "--url", self.url, "--body", str(self.body), "-n", str(total),
                                  "-c", str(CONCURRENCY), "--max-seconds", str(seconds), "--report", str(report))
-        before = {name: cpu_seconds(c.pid) for name, c in watched.items()}
+        before = {name: sum(map(own_cpu_seconds, pids)) for name, pids in watched.items()}
         machine0 = machine_busy_seconds()
         children0 = resource.getrusage(resource.RUSAGE_CHILDREN)
         drops0 = listen_drops()
@@ -169,7 +188,7 @@ class Client:
         children1 = resource.getrusage(resource.RUSAGE_CHILDREN)
         drops1 = listen_drops()
         drops = None if drops0 is None or drops1 is None else drops1 - drops0
-        cpu = {name: cpu_seconds(c.pid) - before[name] for name, c in watched.items()}
+        cpu = {name: sum(map(own_cpu_seconds, pids)) - before[name] for name, pids in watched.items()}
         cpu["client"] = (children1.ru_utime + children1.ru_stime) - (children0.ru_utime + children0.ru_stime)
         cpu["other"] = max(0.0, machine_busy_seconds() - machine0 - sum(cpu.values()))
         if code != 0:
@@ -207,6 +226,18 @@ def _expected_answer(settings: Settings, body: dict[str, Any]) -> list[dict[str,
         store.close()
 
 
+def _records_read(settings: Settings, device: str, start: float, end: float) -> int:
+    """How many records (write batches and segments) a one-device query of [start, end] reads: those of the
+    device's group. Which other devices share that group depends on the store's index key (random per run)."""
+    store = SqliteBatchStore(settings.storage.sqlite_path)
+    try:
+        service = QueryService(settings.query, store, lambda: KeyFile(settings.keys.file).load())
+        groups = service.index.groups_of(device)
+        return sum(len(store.batches_by_ts(start, end, kind, groups)) for kind in (BATCH, SEGMENT))
+    finally:
+        store.close()
+
+
 def _check_bridge(url: str, body: bytes, rows: int) -> None:
     """One request by hand: the bridge answers 200 with ``rows`` readings."""
     req = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
@@ -218,58 +249,103 @@ def _check_bridge(url: str, body: bytes, rows: int) -> None:
 
 
 def run(opts: Options) -> list[dict[str, Any]]:
-    """Fill the classic store, then ceiling and stored load runs on one router; one result line."""
+    """Fill the classic store, then for each router layout ceiling and stored load runs; one line per layout and
+    kind of client, and one line of WAMP latencies."""
     total, seconds = (REQUESTS_QUICK, SECONDS_QUICK) if opts.quick else (REQUESTS, SECONDS)
     order = ["stored", "ceiling"] if opts.quick else ["ceiling", "stored", "stored", "ceiling"]
     with workspace("http", opts) as root, Procs(root / "logs") as procs, MemorySampler() as mem:
-        port = free_port()
-        settings = write_settings(root, "http", port)
-        provision(settings)
-        store = SqliteBatchStore(settings.storage.sqlite_path)
+        base = write_settings(root, "http", free_port())
+        provision(base)
+        store = SqliteBatchStore(base.storage.sqlite_path)
         try:
-            report = fill(store, KeyFile(settings.keys.file).load(), classic_events())
+            report = fill(store, KeyFile(base.keys.file).load(), classic_events())
         finally:
             store.close()
         request = {"procedure": uris.FETCH_BETWEEN_WINDOW, "args": [CLASSIC_START, CLASSIC_END],
                    "kwargs": {"device_id": DEVICE}}
-        answer = _expected_answer(settings, request)
+        answer = _expected_answer(base, request)
+        records = _records_read(base, DEVICE, CLASSIC_START, CLASSIC_END)
         body_path, answer_path = root / "body.json", root / "answer.json"
         body_path.write_text(json.dumps(request), encoding="utf-8")
         answer_path.write_text(json.dumps(answer), encoding="utf-8")
-        url = router_config.http_base(settings) + "/call"
-        router = start_router(procs, settings)
-        client = Client(procs, root, url, body_path, find_ab(opts))
+        client = Client(procs, root, "", body_path, find_ab(opts))
         note(f"http: {report.readings:,} classic readings stored; device {DEVICE} has {len(answer)} in the year; "
-             f"client: {client.name}")
+             f"they are in {records} records of its group; client: {client.name}; "
+             f"router layouts (proxy workers): {', '.join(map(str, LAYOUTS))}")
         lines = []
-        for keep_alive in (False, True) if client.ab else (False,):
-            lines.append(emit(_load_case(procs, mem, settings, router, client, body_path, answer_path, url, answer,
-                                         order, total, seconds, keep_alive, report.readings)))
+        for workers in LAYOUTS:
+            settings = write_settings(root, f"http-proxies{workers}", free_port(), {
+                "router": {"proxy_workers": workers}, "storage": {"sqlite_path": base.storage.sqlite_path},
+                "paths": {"run_dir": str(root / f"run-proxies{workers}")}},
+                secrets_dir=Path(base.paths.secrets_dir))
+            router = start_router(procs, settings, name=f"router-proxies{workers}")
+            client.url = router_config.http_base(settings) + "/call"
+            for keep_alive in (False, True) if client.ab else (False,):
+                lines.append(emit(_load_case(procs, mem, settings, router, client, body_path, answer_path, answer,
+                                             order, total, seconds, keep_alive, report.readings) | {
+                                                 "records_read": records}))
+            if workers == DEFAULT_LAYOUT:
+                lines.append(emit(_wamp_latencies(procs, settings, root, answer, opts.quick)))
+            procs.stop(router)
+        lines.append(emit(_layouts_line(lines)))
         return lines
 
 
+def _layouts_line(lines: list[dict[str, Any]]) -> dict[str, Any]:
+    """The layouts side by side (a connection per request): which one the figures favour.
+
+    Rates move with whatever else the machine runs; the CPU the stack spends per request (router worker,
+    proxies, controller and callee) moves much less, and on a machine whose cores the stack shares it is what
+    bounds the rate: ``leanest_proxy_workers`` is the layout that spends least."""
+    rows = [x for x in lines if x.get("bench") == "http" and not x["keep_alive"]]
+    cpu = {x["proxy_workers"]: sum(x[f"{k}_us_per_request"] or 0.0 for k in ("router", "proxies", "controller",
+                                                                             "callee")) for x in rows}
+    fastest = max(rows, key=lambda x: x["req_per_s"] or 0.0)
+    return {"bench": "http_layouts", "case": "router layouts, a connection per request",
+            **{f"req_per_s_proxies{x['proxy_workers']}": x["req_per_s"] for x in rows},
+            **{f"p99_ms_proxies{x['proxy_workers']}": x["p99_ms"] for x in rows},
+            **{f"ratio_proxies{x['proxy_workers']}": x["ratio"] for x in rows},
+            **{f"stack_us_per_request_proxies{n}": v for n, v in cpu.items()},
+            "fastest_proxy_workers": fastest["proxy_workers"], "leanest_proxy_workers": min(cpu, key=cpu.__getitem__),
+            "default_proxy_workers": DEFAULT_LAYOUT}
+
+
+def _watched(router: Child, callee: Child) -> dict[str, list[int]]:
+    """The processes whose CPU a load run reports: the node's controller, router worker and proxies, the callee."""
+    node = crossbar_processes(router.pid)
+    return {"router": node["router"], "proxies": node["proxy"], "controller": node["controller"],
+            "callee": [callee.pid]}
+
+
+def _start_callee(procs: Procs, settings: Settings, mode: str, name: str, answer_path: Path,
+                  procedure: str = uris.FETCH_BETWEEN_WINDOW) -> Child:
+    """The query callee (``stored``) or the echo callee answering ``procedure`` with the fixed answer (``ceiling``)."""
+    if mode == "stored":
+        return start_component(procs, settings, "query", name=name)
+    callee = procs.start(name, python_module(
+        "bench._echo_callee", "--config", settings.config_path, "--procedure", procedure,
+        "--answer", str(answer_path)), announces="echo")
+    return callee.wait_ready(COMPONENT_START_S)
+
+
 def _load_case(procs: Procs, mem: MemorySampler, settings: Settings, router: Child, client: Client, body_path: Path,
-               answer_path: Path, url: str, answer: list[dict[str, Any]], order: list[str], total: int,
-               seconds: int, keep_alive: bool, store_readings: int) -> dict[str, Any]:
-    """Ceiling and stored runs of one kind of client (a connection per request, or kept alive): one line."""
+               answer_path: Path, answer: list[dict[str, Any]], order: list[str], total: int, seconds: int,
+               keep_alive: bool, store_readings: int) -> dict[str, Any]:
+    """Ceiling and stored runs of one layout and kind of client (a connection per request, or kept alive)."""
+    workers = settings.router.proxy_workers
     how = "keep-alive" if keep_alive else "a connection per request"
-    tag = "-keepalive" if keep_alive else ""  # log names: each process of the benchmark has its own log
+    tag = f"-proxies{workers}" + ("-keepalive" if keep_alive else "")  # each process of the run has its own log
     loads: dict[str, list[Load]] = {"ceiling": [], "stored": []}
     rss: list[float] = []
     for i, mode in enumerate(order):
-        if mode == "stored":
-            callee = start_component(procs, settings, "query", name=f"query{tag}{i}")
-        else:
-            callee = procs.start(f"echo{tag}{i}", python_module(
-                "bench._echo_callee", "--config", settings.config_path, "--procedure", uris.FETCH_BETWEEN_WINDOW,
-                "--answer", str(answer_path)), announces="echo")
-            callee.wait_ready(COMPONENT_START_S)
-        trace = mem.watch(f"{mode}{i}", callee.pid)
-        _check_bridge(url, body_path.read_bytes(), len(answer))
-        note(f"http ({how}): {mode} run {i + 1}/{len(order)}: {WARMUP} warm-up, then {total:,} requests or "
-             f"{seconds}s, {CONCURRENCY} at once")
+        callee = _start_callee(procs, settings, mode, f"{'query' if mode == 'stored' else 'echo'}{tag}{i}",
+                               answer_path)
+        trace = mem.watch(f"{mode}{tag}{i}", callee.pid)
+        _check_bridge(client.url, body_path.read_bytes(), len(answer))
+        note(f"http ({workers} proxy workers, {how}): {mode} run {i + 1}/{len(order)}: {WARMUP} warm-up, then "
+             f"{total:,} requests or {seconds}s, {CONCURRENCY} at once")
         client.run(WARMUP, WARMUP_SECONDS, {}, keep_alive)
-        loads[mode].append(client.run(total, seconds, {"router": router, "callee": callee}, keep_alive))
+        loads[mode].append(client.run(total, seconds, _watched(router, callee), keep_alive))
         procs.stop(callee)
         peak = trace.peak_mb()
         if mode == "stored" and peak is not None:
@@ -277,12 +353,19 @@ def _load_case(procs: Procs, mem: MemorySampler, settings: Settings, router: Chi
     stored, ceiling = _combine(loads["stored"]), _combine(loads["ceiling"])
     rate_ok = target(stored.req_per_s, TARGET_REQ_PER_S, prefix="req_per_s_")
     p99_ok = target(stored.latencies["p99_ms"], TARGET_P99_MS, at_most=True, prefix="p99_")
-    line = {
-        "bench": "http", "case": f"device {DEVICE}, a year, {CONCURRENCY} clients, {how}", "client": client.name,
-        "keep_alive": keep_alive, "rows": len(answer), "concurrency": CONCURRENCY, "requests": stored.complete,
+    ratio_ok = target(ratio(stored.req_per_s, ceiling.req_per_s), TARGET_RATIO, prefix="ratio_")
+    per_request = {f"{k}_us_per_request": ratio(stored.cpu[k] * 1e6, stored.complete)
+                   for k in ("router", "proxies", "controller", "callee", "client")}
+    ceiling_per_request = {f"ceiling_{k}_us_per_request": ratio(ceiling.cpu[k] * 1e6, ceiling.complete)
+                           for k in ("router", "proxies", "callee")}
+    busy = {f"busy_{k}": ratio(v, stored.seconds) for k, v in stored.cpu.items()}
+    return {
+        "bench": "http", "case": f"device {DEVICE}, a year, {CONCURRENCY} clients, {how}, {workers} proxy workers",
+        "client": client.name, "keep_alive": keep_alive, "proxy_workers": workers, "rows": len(answer),
+        "concurrency": CONCURRENCY, "requests": stored.complete,
         "runs_per_mode": len(loads["stored"]), "max_requests_per_run": total, "max_seconds_per_run": seconds,
         "req_per_s": stored.req_per_s, "ceiling_req_per_s": ceiling.req_per_s,
-        "ratio": ratio(stored.req_per_s, ceiling.req_per_s),
+        "ratio": ratio(stored.req_per_s, ceiling.req_per_s), **ratio_ok,
         **stored.latencies, **{f"ceiling_{k}": v for k, v in ceiling.latencies.items()},
         "failures": stored.failures, "ceiling_failures": ceiling.failures,
         "listen_drops": stored.listen_drops, "ceiling_listen_drops": ceiling.listen_drops,
@@ -293,13 +376,51 @@ def _load_case(procs: Procs, mem: MemorySampler, settings: Settings, router: Chi
         "ceiling_req_per_s_runs": [x.req_per_s for x in loads["ceiling"]],
         **{f"cpu_s_{k}": v for k, v in stored.cpu.items()},
         **{f"ceiling_cpu_s_{k}": v for k, v in ceiling.cpu.items()},
+        **per_request, **ceiling_per_request, **busy,
         "load_seconds": stored.seconds, "ceiling_load_seconds": ceiling.seconds,
-        "router_us_per_request": ratio(stored.cpu["router"] * 1e6, stored.complete),
-        "ceiling_router_us_per_request": ratio(ceiling.cpu["router"] * 1e6, ceiling.complete),
-        "callee_us_per_request": ratio(stored.cpu["callee"] * 1e6, stored.complete),
         "query_rss_peak_mb": max(rss, default=None), "store_readings": store_readings,
     }
-    return line
+
+
+WAMP_ROWS = 10
+WAMP_CALLS, WAMP_CALLS_QUICK = 2000, 500
+WAMP_ROUNDS = 2
+"""Fetch and echo calls alternate in rounds, so both see the same machine."""
+
+
+def _wamp_latencies(procs: Procs, settings: Settings, root: Path, year: list[dict[str, Any]], quick: bool
+                    ) -> dict[str, Any]:
+    """p50/p99 of a 10-reading ``fetch_between_window`` over WAMP (one call at a time) next to an echo call: a
+    callee that answers the same 10 readings without work, in the same run."""
+    end = year[WAMP_ROWS - 1]["ts"]
+    request = {"procedure": uris.FETCH_BETWEEN_WINDOW, "args": [CLASSIC_START, end], "kwargs": {"device_id": DEVICE}}
+    ten = _expected_answer(settings, request)
+    path = root / "answer10.json"
+    path.write_text(json.dumps(ten), encoding="utf-8")
+    query = _start_callee(procs, settings, "stored", "query-wamp", path)
+    echo = _start_callee(procs, settings, "ceiling", "echo-wamp", path, procedure=ECHO_PROCEDURE)
+    calls = (WAMP_CALLS_QUICK if quick else WAMP_CALLS) // WAMP_ROUNDS
+    cases: list[dict[str, Any]] = []
+    for r in range(WAMP_ROUNDS):
+        for name, procedure in (("fetch", uris.FETCH_BETWEEN_WINDOW), ("echo", ECHO_PROCEDURE)):
+            cases.append({"name": f"{name}{r}", "procedure": procedure, "args": request["args"],
+                          "kwargs": request["kwargs"], "calls": calls, "warmup": 50, "max_seconds": 60.0})
+    note(f"http: WAMP latencies, {WAMP_ROWS}-reading fetch_between_window next to an echo call, one at a time")
+    try:
+        got = run_caller(procs, settings, root, "caller-wamp", cases, timeout=300.0)
+    finally:
+        procs.stop(echo)
+        procs.stop(query)
+    fetch = [ms for r in range(WAMP_ROUNDS) for ms in got[f"fetch{r}"]["latencies_ms"]]
+    echoed = [ms for r in range(WAMP_ROUNDS) for ms in got[f"echo{r}"]["latencies_ms"]]
+    rows = {got[c["name"]]["rows"] for c in cases}
+    if rows != {len(ten)} or len(ten) != WAMP_ROWS:
+        raise RuntimeError(f"WAMP calls answered {rows} readings, expected {WAMP_ROWS}")
+    errors = sum(got[c["name"]]["errors"] for c in cases)
+    fig, echo_fig = latency_figures(fetch), latency_figures(echoed, "echo_")
+    return {"bench": "http_wamp", "case": f"fetch_between_window, {WAMP_ROWS} readings, over WAMP, one call at a time",
+            "proxy_workers": settings.router.proxy_workers, "rows": WAMP_ROWS, "calls": len(fetch),
+            **fig, **echo_fig, "p50_ratio": ratio(fig["p50_ms"], echo_fig["echo_p50_ms"]), "errors": errors}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

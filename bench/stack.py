@@ -99,12 +99,13 @@ class Procs:
 
     def start(self, name: str, argv: Sequence[str], env: Mapping[str, str] | None = None,
               stop_signal: int = signal.SIGTERM, stdin: bool = False, cwd: Path | None = None,
-              ready_port: int | None = None, announces: str | None = None) -> Child:
+              ready_port: int | None = None, announces: str | None = None, ready_marker: str | None = None
+              ) -> Child:
         """Start ``argv`` (cwd: the repository unless given; environment: ``env``, else :func:`child_env`)."""
         return self.supervisor.start(ServiceSpec(
             name, argv, self.log_dir / f"{name}.log", stop_signal, restart=False, cwd=cwd or REPO,
             base_env=env if env is not None else child_env(), stdin=stdin, ready_port=ready_port,
-            announces=announces))
+            announces=announces, ready_marker=ready_marker))
 
     def stop(self, child: Child, timeout: float = STOP_TIMEOUT_S) -> int | None:
         """Stop one child now; its exit code."""
@@ -127,7 +128,7 @@ def start_router(procs: Procs, settings: Settings, name: str = "router") -> Chil
         raise RuntimeError(f"crossbar is not installed next to {sys.executable}: run `make install`")
     node_dir = router_config.write_node_dir(settings)
     child = procs.start(name, crossbar_argv(node_dir), stop_signal=signal.SIGINT,
-                        ready_port=settings.router.listen_port)
+                        ready_port=settings.router.listen_port, ready_marker=router_config.ready_marker(settings))
     try:
         child.wait_ready(ROUTER_START_S)
     except (TimeoutError, RuntimeError) as err:

@@ -32,6 +32,34 @@ def cpu_seconds(pid: int) -> float:
     return total
 
 
+def own_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds used so far by the process alone (not its descendants); 0 once it is gone."""
+    try:
+        t = psutil.Process(pid).cpu_times()
+    except psutil.NoSuchProcess:
+        return 0.0
+    return float(t.user + t.system)
+
+
+def crossbar_processes(pid: int) -> dict[str, list[int]]:
+    """The processes of a Crossbar node started as ``pid``: ``controller``, ``router`` and ``proxy`` workers."""
+    out: dict[str, list[int]] = {"controller": [pid], "router": [], "proxy": []}
+    try:
+        children = psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return out
+    for child in children:
+        try:
+            title = " ".join(child.cmdline())
+        except psutil.NoSuchProcess:
+            continue
+        if "RouterController" in title:
+            out["router"].append(child.pid)
+        elif "ProxyController" in title:
+            out["proxy"].append(child.pid)
+    return out
+
+
 def machine_busy_seconds() -> float:
     """CPU seconds every core of the machine spent busy so far (anything but idle and iowait)."""
     t = psutil.cpu_times()

@@ -84,6 +84,9 @@ class RouterSettings:
     auto_ping_interval_s: float = _setting("WebSocket ping interval; a peer silent for interval+timeout is dropped",
                                            10.0, minimum=1.0)
     auto_ping_timeout_s: float = _setting("how long the router waits for a pong", 10.0, minimum=1.0)
+    proxy_workers: int = _setting("Crossbar proxy workers that hold the web transport on one shared port and talk to "
+                                  "the router worker over a local socket; 0: the router worker holds it", 0,
+                                  minimum=0)
 
 
 @dataclass(frozen=True)

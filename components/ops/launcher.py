@@ -110,7 +110,8 @@ def run_stack(settings: Settings, with_devices: bool = True) -> int:
         # Crossbar exits 0 on SIGINT (1 on SIGTERM).
         router = supervisor.start(ServiceSpec("router", crossbar_argv(node_dir), logs / "router.log", signal.SIGINT,
                                               ready_port=settings.router.listen_port,
-                                              ready_host=router_config.local_host(settings)))
+                                              ready_host=router_config.local_host(settings),
+                                              ready_marker=router_config.ready_marker(settings)))
         print(f"starting router on {settings.router.listen_host}:{settings.router.listen_port} "
               f"(log: {logs / 'router.log'}) ...", flush=True)
         router.wait_ready(ROUTER_START_TIMEOUT_S)

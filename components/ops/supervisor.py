@@ -14,7 +14,9 @@ A child that exits 0 is done and stays stopped.
 Readiness is machine-readable, never log text: a child whose spec names a ``ready_port`` is ready once that
 port accepts connections (the router); one whose spec names what it ``announces`` is ready once it prints
 the line :func:`ready_line` makes, ``{"ready": "<name>", "pid": N}`` (the storage and query services, see
-``components.wamp.connection.announce_ready``). :meth:`Child.wait_ready` waits for either.
+``components.wamp.connection.announce_ready``). :meth:`Child.wait_ready` waits for either. A program that
+opens its port before it is fully set up (Crossbar with proxy workers) names a ``ready_marker`` as well: a
+fixed token the program itself prints when it is (Crossbar's ``NODE_BOOT_COMPLETE``).
 """
 
 from __future__ import annotations
@@ -91,6 +93,8 @@ class ServiceSpec:
     ready_host: str = "127.0.0.1"
     announces: str | None = None
     """Ready once it prints ``ready_line(announces)``."""
+    ready_marker: str | None = None
+    """With ``ready_port``: ready once the port accepts and a line holding this token was printed."""
 
 
 def describe_exit(code: int) -> str:
@@ -155,7 +159,11 @@ class Child:
         spec = self.spec
         try:
             if spec.ready_port is not None:
-                wait_for_port(spec.ready_host, spec.ready_port, time.monotonic() + timeout, self.proc)
+                deadline = time.monotonic() + timeout
+                wait_for_port(spec.ready_host, spec.ready_port, deadline, self.proc)
+                if spec.ready_marker is not None:
+                    wait_until(self._announced, max(0.0, deadline - time.monotonic()),
+                               f"{spec.name} to print {spec.ready_marker}")
             elif spec.announces is not None:
                 wait_until(self._announced, timeout, f"{spec.name} to print its ready line")
         except (TimeoutError, RuntimeError) as err:
@@ -201,6 +209,8 @@ class Child:
                 line = raw.decode(errors="replace").rstrip("\n")
                 self.tail.append(line)
                 if self.spec.announces is not None and announced(line) == self.spec.announces:
+                    self.ready.set()
+                elif self.spec.ready_marker is not None and self.spec.ready_marker in line:
                     self.ready.set()
                 if self.spec.echo:
                     sys.stdout.write(f"{self.spec.name:>8} | {line}\n")

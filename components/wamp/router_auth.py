@@ -6,6 +6,10 @@ permissions: publish to ``iot.sensor.<authid>.`` and subscribe to ``iot.ack.<aut
 cannot speak for another, the router checks it from its authorization cache without calling out, and
 adding a device needs no router restart. Revoking a device (the registry file changes) removes its role
 and closes its sessions within a second.
+
+With proxy workers (``router.proxy_workers``) the authenticator runs in each proxy: it creates a device's
+role in the router worker through the node's management API (``crossbar.worker.router.*``) and adds a
+route for that role to its own proxy, so the session it forwards is given exactly that role.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from typing import Any
 
 import txaio
 from autobahn.wamp.exception import ApplicationError
+from twisted.internet import defer
 from twisted.internet.task import LoopingCall
 
 from components.ops.credentials import CredentialStore, Device, Principal
@@ -22,6 +27,8 @@ from components.wamp import uris
 log = txaio.make_logger()
 
 NOT_AUTHORIZED = "wamp.error.not_authorized"
+ALREADY_EXISTS = "crossbar.error.already_exists"
+NO_SUCH_OBJECT = "crossbar.error.no_such_object"
 REGISTRY_POLL_S = 1.0
 
 
@@ -68,17 +75,88 @@ class Registry:
         return True
 
 
+class RouterRoles:
+    """Device roles in the router worker this code runs in (``controller`` is its RouterController)."""
+
+    def __init__(self, controller: Any) -> None:
+        """Manage the roles of ``controller``'s realms."""
+        self._controller = controller
+
+    def _realm_id(self, realm: str) -> str:
+        realm_id: str = self._controller.realm_to_id[realm]
+        return realm_id
+
+    def ensure(self, realm: str, role: str, permissions: list[dict[str, Any]]) -> Any:
+        """Create ``role`` unless it exists."""
+        realm_id = self._realm_id(realm)
+        if role not in self._controller.realms[realm_id].roles:
+            self._controller.start_router_realm_role(realm_id, role, {"name": role, "permissions": permissions})
+
+    def remove(self, realm: str, role: str, authid: str) -> Any:
+        """Remove ``role`` and close the sessions of ``authid``; the number closed."""
+        realm_id = self._realm_id(realm)
+        if role in self._controller.realms[realm_id].roles:
+            self._controller.stop_router_realm_role(realm_id, role)
+        router = self._controller._router_factory.get(realm)
+        return len(router._realm.session.session_kill_by_authid(authid, reason=NOT_AUTHORIZED,
+                                                                 message="device revoked"))
+
+
+class ProxyRoles:
+    """Device roles seen from a proxy worker: created in the router worker, routed to it by this proxy.
+
+    ``controller`` is the proxy's ProxyController (a session on the node's management realm); the router
+    worker's procedures are ``crossbar.worker.<router_worker>.*``, and ``backend`` is the proxy's connection
+    to it.
+    """
+
+    def __init__(self, controller: Any, router_worker: str, backend: str) -> None:
+        """Manage roles of ``router_worker`` and routes of ``controller``."""
+        self._controller = controller
+        self._api = f"crossbar.worker.{router_worker}."
+        self._backend = backend
+        self._ensured: set[tuple[str, str]] = set()
+
+    @defer.inlineCallbacks
+    def ensure(self, realm: str, role: str, permissions: list[dict[str, Any]]) -> Any:
+        """Create ``role`` in the router worker unless it exists, then route it from this proxy."""
+        if (realm, role) in self._ensured:
+            return
+        try:
+            yield self._controller.call(self._api + "start_router_realm_role", realm, role,
+                                        {"name": role, "permissions": permissions})
+        except ApplicationError as err:  # created before, by this proxy or another one
+            if err.error != ALREADY_EXISTS:
+                raise
+        if not self._controller.has_role(realm, role):
+            yield self._controller.start_proxy_realm_route(realm, {role: self._backend})
+        self._ensured.add((realm, role))
+
+    @defer.inlineCallbacks
+    def remove(self, realm: str, role: str, authid: str) -> Any:
+        """Remove ``role`` from the router worker and close the sessions of ``authid`` there."""
+        self._ensured.discard((realm, role))
+        try:
+            yield self._controller.call(self._api + "stop_router_realm_role", realm, role)
+        except ApplicationError as err:  # removed by another proxy
+            if err.error != NO_SUCH_OBJECT:
+                raise
+        killed = yield self._controller.call(self._api + "kill_by_authid", realm, authid, NOT_AUTHORIZED,
+                                             "device revoked")
+        return len(killed or [])
+
+
 class Authenticator:
     """Checks tickets and device keys; creates and removes the per-device roles."""
 
-    def __init__(self, registry: Registry, controller: Any) -> None:
-        """Authenticate against ``registry``; manage roles through the router worker ``controller``."""
+    def __init__(self, registry: Registry, roles: RouterRoles | ProxyRoles) -> None:
+        """Authenticate against ``registry``; keep device roles with ``roles``."""
         self._registry = registry
-        self._controller = controller
+        self._roles = roles
         self._device_roles: set[tuple[str, str]] = set()
         registry.refresh()
 
-    def __call__(self, realm: str, authid: str, details: dict[str, Any]) -> dict[str, Any]:
+    def __call__(self, realm: str, authid: str, details: dict[str, Any]) -> Any:
         """Crossbar's function-authenticator entry point."""
         self._registry.refresh()
         method = details.get("authmethod")
@@ -95,7 +173,7 @@ class Authenticator:
             raise ApplicationError(NOT_AUTHORIZED, f"ticket for principal {authid!r} was not accepted")
         return {"role": principal.role}
 
-    def _device(self, realm: str, authid: str, pubkey: str | None) -> dict[str, Any]:
+    def _device(self, realm: str, authid: str, pubkey: str | None) -> Any:
         device = self._registry.devices.get(authid)
         if device is None:
             raise ApplicationError(NOT_AUTHORIZED, f"device {authid!r} is not provisioned")
@@ -103,43 +181,36 @@ class Authenticator:
             raise ApplicationError(NOT_AUTHORIZED, f"device {authid!r} has been revoked")
         if pubkey is not None and pubkey != device.pubkey:
             raise ApplicationError(NOT_AUTHORIZED, f"device {authid!r} presented a key that is not its own")
-        self._ensure_role(realm, authid)
-        return {"role": device_role(authid), "pubkey": device.pubkey}
+        principal = {"role": device_role(authid), "pubkey": device.pubkey}
+        done = defer.maybeDeferred(self._roles.ensure, realm, device_role(authid), device_permissions(authid))
+        done.addCallback(lambda _: self._device_roles.add((realm, authid)))
+        return done.addCallback(lambda _: principal)
 
-    def _realm_id(self, realm: str) -> str:
-        realm_id: str = self._controller.realm_to_id[realm]
-        return realm_id
-
-    def _ensure_role(self, realm: str, device_id: str) -> None:
-        realm_id = self._realm_id(realm)
-        role = device_role(device_id)
-        if role not in self._controller.realms[realm_id].roles:
-            self._controller.start_router_realm_role(
-                realm_id, role, {"name": role, "permissions": device_permissions(device_id)})
-        self._device_roles.add((realm, device_id))
-
-    def sweep_revoked(self) -> None:
-        """Remove the roles of revoked devices and close their sessions."""
+    @defer.inlineCallbacks
+    def sweep_revoked(self) -> Any:
+        """Remove the roles of revoked devices and close their sessions (a failure is retried next sweep)."""
         self._registry.refresh()
         for realm, device_id in list(self._device_roles):
             device = self._registry.devices.get(device_id)
             if device is not None and not device.revoked:
                 continue
+            try:
+                closed = yield defer.maybeDeferred(self._roles.remove, realm, device_role(device_id), device_id)
+            except Exception as err:
+                log.warn("device {device} revoked, but its role is not removed yet ({err}); trying again",
+                         device=device_id, err=err)
+                continue
             self._device_roles.discard((realm, device_id))
-            realm_id = self._realm_id(realm)
-            role = device_role(device_id)
-            if role in self._controller.realms[realm_id].roles:
-                self._controller.stop_router_realm_role(realm_id, role)
-            router = self._controller._router_factory.get(realm)
-            killed = router._realm.session.session_kill_by_authid(
-                device_id, reason=NOT_AUTHORIZED, message="device revoked")
-            log.info("device {device} revoked: role removed, {n} session(s) closed", device=device_id,
-                     n=len(killed))
+            log.info("device {device} revoked: role removed, {n} session(s) closed", device=device_id, n=closed)
 
 
 def create(config: dict[str, Any], controller: Any) -> Authenticator:
-    """Crossbar calls this once per router worker (``"create": "components.wamp.router_auth.create"``)."""
-    authenticator = Authenticator(Registry(CredentialStore(config["secrets_dir"])), controller)
+    """Crossbar calls this once per worker that authenticates (``"create": "components.wamp.router_auth.create"``):
+    the router worker, or each proxy worker (then ``config`` names the router worker and the proxy's backend)."""
+    roles: RouterRoles | ProxyRoles = RouterRoles(controller)
+    if "router_worker" in config:
+        roles = ProxyRoles(controller, config["router_worker"], config["backend"])
+    authenticator = Authenticator(Registry(CredentialStore(config["secrets_dir"])), roles)
     sweeper = LoopingCall(authenticator.sweep_revoked)
     sweeper.start(REGISTRY_POLL_S, now=False)
     return authenticator

@@ -94,6 +94,10 @@ def test_make_run_starts_the_stack_prints_the_dashboard_url_and_stops_everything
     run_stack(tmp_path, {})
 
 
+def test_one_setting_runs_the_whole_stack_behind_two_proxy_workers(tmp_path) -> None:
+    run_stack(tmp_path, {"router": {"proxy_workers": 2}})  # devices, storage, query and /call through the proxies
+
+
 @pytest.mark.dynamodb
 def test_one_setting_runs_the_whole_stack_on_dynamodb(tmp_path) -> None:
     port = free_port()  # the launcher starts DynamoDB Local there

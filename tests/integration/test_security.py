@@ -1,5 +1,6 @@
 """One test per denial, against the real router: each refusal is wamp.error.not_authorized (or the HTTP
-equivalent), and the allowed action beside it works."""
+equivalent), and the allowed action beside it works. Every test runs in both router layouts: the router
+worker holding the web transport (``router.proxy_workers`` 0), and two proxy workers holding it."""
 
 from __future__ import annotations
 
@@ -47,6 +48,30 @@ from tests.support.harness import (
 
 ACK = PublishOptions(acknowledge=True)
 NOT_AUTHORIZED = "wamp.error.not_authorized"
+LAYOUTS = {"router_worker": 0, "two_proxy_workers": 2}
+
+
+@pytest.fixture(scope="module", params=list(LAYOUTS.values()), ids=list(LAYOUTS))
+def proxy_workers(request: pytest.FixtureRequest) -> int:
+    """The layout under test: how many proxy workers hold the web transport."""
+    return int(request.param)
+
+
+@pytest.fixture(scope="module")
+def router_settings(proxy_workers: int, tmp_path_factory: pytest.TempPathFactory):
+    """This module's router of each layout in turn (it replaces the session's router for these tests)."""
+    return stack_settings(tmp_path_factory.mktemp(f"security{proxy_workers}"),
+                          overrides={"router": {"proxy_workers": proxy_workers}})
+
+
+@pytest.fixture(scope="module")
+def router(router_settings):
+    """A real router of the layout under test."""
+    proc = RouterProcess(router_settings).start()
+    try:
+        yield proc
+    finally:
+        proc.stop()
 
 
 def refusal(failure_value: Exception) -> str:
@@ -270,9 +295,9 @@ def reading_publish(device: str = "14") -> dict:
 
 
 def test_the_http_bridge_refuses_clients_outside_its_allow_list_and_unsigned_requests_when_signing_is_on(
-        tmp_path) -> None:
+        tmp_path, proxy_workers) -> None:
     for mode in ("loopback", "signed"):
-        s = stack_settings(tmp_path / mode, overrides={"router": {"http_bridge": mode}})
+        s = stack_settings(tmp_path / mode, overrides={"router": {"http_bridge": mode, "proxy_workers": proxy_workers}})
         proc = RouterProcess(s).start()
         try:
             base = http_base(s)
@@ -318,12 +343,12 @@ def self_signed(path: Path) -> tuple[Path, Path]:
 
 
 @pytest_twisted.inlineCallbacks
-def test_one_setting_turns_on_tls_for_the_web_transport(tmp_path) -> None:
+def test_one_setting_turns_on_tls_for_the_web_transport(tmp_path, proxy_workers) -> None:
     cert, key = self_signed(tmp_path)
     port = free_port()
     s = stack_settings(tmp_path / "tls", port, {"router": {
         "tls_cert": str(cert), "tls_key": str(key), "tls_trust_root": str(cert),
-        "url": f"wss://localhost:{port}/ws"}})
+        "url": f"wss://localhost:{port}/ws", "proxy_workers": proxy_workers}})
     proc = RouterProcess(s).start()
     try:
         device = yield as_device(s, "0")  # wss:// with the self-signed certificate trusted
@@ -347,8 +372,8 @@ def derive_plain(s, port):
 
 
 @pytest_twisted.inlineCallbacks
-def test_secrets_never_appear_in_logs_config_or_git(tmp_path) -> None:
-    s = stack_settings(tmp_path)
+def test_secrets_never_appear_in_logs_config_or_git(tmp_path, proxy_workers) -> None:
+    s = stack_settings(tmp_path, overrides={"router": {"proxy_workers": proxy_workers}})
     proc = RouterProcess(s).start()
     storage = yield start_storage(s)
     query = yield start_query(s)

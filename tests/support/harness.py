@@ -166,7 +166,8 @@ class RouterProcess(Supervised):
         self.settings = settings
         port = settings.router.listen_port
         super().__init__(ServiceSpec("router", (), Path(settings.paths.run_dir) / "router.log", signal.SIGINT,
-                                     restart=False, ready_port=port))
+                                     restart=False, ready_port=port,
+                                     ready_marker=router_config.ready_marker(settings)))
 
     def start(self) -> RouterProcess:
         """Start and wait until the web transport accepts connections."""

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 from components.core.settings import load_settings
+from components.ops import router_config
 from components.ops.launcher import crossbar_executable
 from components.ops.router_config import bridge_base
 from tests.support.harness import REPO, free_port, write_config
@@ -46,6 +47,28 @@ def test_crossbar_check_passes_on_the_committed_router_config() -> None:
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "configuration looks good" in result.stdout
+
+
+def test_with_proxy_workers_the_rendered_config_passes_crossbar_check_and_the_router_worker_takes_proxies_only(
+        tmp_path) -> None:
+    settings = load_settings(write_config(tmp_path, free_port(), {"router": {"proxy_workers": 2}}), environ={})
+    node_dir = router_config.write_node_dir(settings)
+    result = subprocess.run([crossbar_executable(), "check", "--cbdir", str(node_dir)], capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0 and "configuration looks good" in result.stdout, result.stdout + result.stderr
+    router, *proxies = router_config.render(settings)["workers"]
+    assert [w["type"] for w in proxies] == ["proxy", "proxy"]
+    # the router worker listens for the proxies alone: a Unix socket in the owner-only node folder, and no
+    # login there but anonymous-proxy (which takes the role a proxy claims)
+    [backend] = router["transports"]
+    assert backend["type"] == "rawsocket" and backend["endpoint"]["type"] == "unix"
+    assert backend["auth"] == {"anonymous-proxy": {"type": "static"}}
+    assert (node_dir.stat().st_mode & 0o777) == 0o700 and backend["endpoint"]["path"].startswith(str(node_dir))
+    for proxy in proxies:
+        [web] = proxy["transports"]
+        assert web["endpoint"]["shared"] is True and web["endpoint"]["port"] == settings.router.listen_port
+        assert {m["create"] for m in web["paths"]["ws"]["auth"].values()} == {"components.wamp.router_auth.create"}
+        assert set(proxy["routes"][settings.router.realm]) == {r["name"] for r in router["realms"][0]["roles"]}
 
 
 def test_importing_crossbar_prints_no_numpy_abi_warning() -> None:
