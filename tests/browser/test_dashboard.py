@@ -170,7 +170,8 @@ async def chromium():
 
 @pytest_twisted.async_yield_fixture
 async def open_page(chromium):
-    """Opens dashboard pages; closes them after the test and fails it on any uncaught page exception."""
+    """Opens dashboard pages; closes them after the test and fails it on any uncaught page exception or
+    Content-Security-Policy violation."""
     pages: list[Dashboard] = []
 
     async def open_(url: str) -> Dashboard:
@@ -182,6 +183,8 @@ async def open_page(chromium):
     for dash in pages:
         await chromium.thread.call(dash.page.context.close)
     assert [e for dash in pages for e in dash.errors] == []
+    # the page, uPlot included, stays inside its Content-Security-Policy (no inline style or script)
+    assert [m for dash in pages for m in dash.console if "Content Security Policy" in m] == []
 
 
 def dashboard_url(settings: Settings, ticket: str | None = None, **params: str) -> str:
