@@ -282,16 +282,19 @@
     return s / 86400 + ' d';
   }
 
-  // Everything the view needs, on every (re)connect and every change of range, zoom, devices or sensor.
-  async function load(attempt = 0) {
+  // Everything the view needs, on every (re)connect (withDevices: the device list too, and the default devices
+  // picked again) and every change of range, zoom, devices or sensor.
+  async function load(attempt = 0, withDevices = false) {
     if (!session) return;
     const gen = ++generation;
     const s = session;
     try {
-      await loadDevices();
-      if (gen !== generation) return;
-      checkFragmentDevices();
-      if (!chosen) charted = mostRecent(DEFAULT_CHARTED);
+      if (withDevices || fragmentDevices !== null) {
+        await loadDevices();
+        if (gen !== generation) return;
+        checkFragmentDevices();
+      }
+      if (!chosen && (withDevices || !charted.length)) charted = mostRecent(DEFAULT_CHARTED);
       let what;
       if (view.range === 'live') {
         // Live after live (a reconnect, another sensor or device) keeps what streamed in: storage may not have
@@ -315,7 +318,7 @@
       status.history = '';
       showNote('query refused: ' + errorText(err) + (missing && attempt < LOAD_RETRIES ? '; trying again' : ''), true);
       if (missing && attempt < LOAD_RETRIES) {
-        setTimeout(() => { if (gen === generation && s === session) load(attempt + 1); }, LOAD_RETRY_MS);
+        setTimeout(() => { if (gen === generation && s === session) load(attempt + 1, withDevices); }, LOAD_RETRY_MS);
       }
     }
     requestDraw();
@@ -414,7 +417,7 @@
       s.subscribe(TOPIC_PREFIX, onEvent, {match: 'prefix'}).then(() => {
         session = s;
         setState('connected');
-        return load();
+        return load(0, true);
       }, (err) => {
         setState('failed', 'cannot subscribe to ' + TOPIC_PREFIX + ' (' + errorText(err) + ')');
       });

@@ -417,7 +417,7 @@ async def test_each_range_asks_for_readings_or_buckets_of_at_most_1000_points(hu
         await page.wait("(n) => sensorHub.loads > n", loads)
         view = await page.eval("() => sensorHub.view()")
         assert (view["range"], view["mode"], view["bucket"]) == (range_, mode, bucket)
-        expected = {"list_devices": 1}
+        expected = {}   # the device list comes once per connection, not per view
         if range_ != "live":
             assert view["end"] - view["start"] == {"1h": 3600, "24h": 86400, "7d": 604800, "30d": 2592000}[range_]
             assert await page.eval("() => location.hash") == f"#ticket={hub.ticket}&sensor=history&range={range_}"
@@ -473,7 +473,7 @@ async def test_drag_zooms_in_with_finer_buckets_and_double_click_goes_back(hub, 
     assert week["start"] < zoomed["start"] < zoomed["end"] < week["end"]
     assert 0.15 < (zoomed["end"] - zoomed["start"]) / 604800 < 0.25
     assert zoomed["mode"] == "buckets" and zoomed["bucket"] < week["bucket"]
-    calls = await dashboard_calls(hub, since, 7)
+    calls = await dashboard_calls(hub, since, 6)
     assert {c["args"][2] for c in calls if c["procedure"] == "iot.aggregate"} == {zoomed["bucket"]}
     assert "from=" in await page.eval("() => location.hash")
     await page.screenshot("dashboard-zoomed.png")
