@@ -253,7 +253,8 @@
       shown = {mode: 'raw', bucket: null, start, end, live: false, series: new Map()};
       for (const rows of raw) {
         for (const r of rows) {
-          if (r && ID_RE.test(String(r.sensor_type)) && isReading(r, r.device_id, r.sensor_type)) {
+          if (r && ID_RE.test(String(r.device_id)) && ID_RE.test(String(r.sensor_type)) &&
+              isReading(r, r.device_id, r.sensor_type)) {
             insertPoint(seriesOf(r.device_id, r.sensor_type).points, r.ts, r.value);
           }
         }

@@ -1,50 +1,35 @@
 """The dashboard (router/web/, served by the router) in headless Chromium, against a real router, storage, query
-callee and simulated devices: live and past ranges, zoom, CSV, a thousand devices, a router restart.
+callee and simulated devices on the session's router: live and past ranges, zoom, CSV, the URL fragment, tickets.
 
-Playwright's sync API runs on one dedicated thread: its objects may only be used from the thread that created them,
-and the reactor thread has to stay free for the WAMP sessions the tests publish with. Assertions read the page's
-read-only hook ``window.sensorHub`` (and the rendered table), never pixels; which queries the page makes is read
-from the query service's audit log. Wait predicates are arrow functions:
-the page's Content-Security-Policy forbids eval, which Playwright would use for a bare expression.
+Which queries the page makes is read from the query service's audit log.
 """
 
 from __future__ import annotations
 
 import math
-import queue
 import re
-import threading
 import time
 from collections import Counter
-from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlencode
 
 import pytest
 import pytest_twisted
-from autobahn.wamp.exception import ApplicationError
 from autobahn.wamp.types import PublishOptions
-from playwright.sync_api import Browser, Page, sync_playwright
-from playwright.sync_api import TimeoutError as PlaywrightTimeout
-from twisted.internet import defer, reactor, threads
-from twisted.python.failure import Failure
+from twisted.internet import defer
 
 from components.core.settings import Settings
-from components.ops import router_config
 from components.ops.credentials import CredentialStore
+from tests.browser.pages import HAS_POINT, LAST_VALUE, LOADED, WAIT_S, Dashboard, dashboard_url
 from tests.support.harness import (
-    REPO,
     ComponentProcess,
-    RouterProcess,
     Session,
     as_device,
     as_principal,
     derive_settings,
     python_process,
-    stack_settings,
     start_query,
     start_storage,
     wait_until,
@@ -52,145 +37,7 @@ from tests.support.harness import (
 
 pytestmark = pytest.mark.browser
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-ARTIFACTS = REPO / "test-artifacts"
 ACK = PublishOptions(acknowledge=True)
-WAIT_S = 20.0
-
-CONNECTED = "() => sensorHub.state === 'connected'"
-LOADED = "() => sensorHub.state === 'connected' && sensorHub.loads > 0"
-HAS_POINT = """([device, sensor, value]) => sensorHub.series().some(s =>
-    s.device_id === device && s.sensor_type === sensor && s.points.some(p => p[1] === value))"""
-LAST_VALUE = """([device, sensor]) => {
-    const d = sensorHub.devices().find(d => d.device_id === device);
-    return d && d.last[sensor] ? d.last[sensor].value : null;
-}"""
-SNAPSHOT = """() => ({state: sensorHub.state, message: sensorHub.message, received: sensorHub.received,
-    skipped: sensorHub.skipped, loads: sensorHub.loads, hash: location.hash.replace(/ticket=[^&]*/, 'ticket=…'),
-    history: sensorHub.history, note: sensorHub.note, view: sensorHub.view(), charted: sensorHub.charted(),
-    series: sensorHub.series().map(s => `${s.device_id}/${s.sensor_type}:${s.points.length}`)})"""
-
-
-class BrowserThread:
-    """Runs callables on one thread of its own; each call returns a Deferred that fires on the reactor thread."""
-
-    def __init__(self) -> None:
-        self._jobs: queue.SimpleQueue[tuple[Callable[[], Any], defer.Deferred[Any]] | None] = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._work, name="playwright", daemon=True)
-        self._thread.start()
-
-    def _work(self) -> None:
-        while (job := self._jobs.get()) is not None:
-            fn, done = job
-            try:
-                result = fn()
-            except BaseException:
-                reactor.callFromThread(done.errback, Failure())
-            else:
-                reactor.callFromThread(done.callback, result)
-
-    def call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> defer.Deferred[Any]:
-        """``fn(*args, **kwargs)`` on the browser thread."""
-        done: defer.Deferred[Any] = defer.Deferred()
-        self._jobs.put((lambda: fn(*args, **kwargs), done))
-        return done
-
-    def stop(self) -> None:
-        """Let the thread finish (after the jobs already queued)."""
-        self._jobs.put(None)
-        self._thread.join(30)
-
-
-class Dashboard:
-    """One open dashboard page; every method runs on the browser thread and returns a Deferred."""
-
-    def __init__(self, thread: BrowserThread, page: Page) -> None:
-        self.thread = thread
-        self.page = page
-        self.errors: list[str] = []     # uncaught exceptions in the page
-        self.console: list[str] = []
-        page.on("pageerror", lambda err: self.errors.append(str(err)))
-        page.on("console", lambda msg: self.console.append(f"{msg.type}: {msg.text}"))
-
-    def wait(self, predicate: str, arg: Any = None, timeout: float = WAIT_S) -> defer.Deferred[Any]:
-        """Wait until the JS ``predicate`` (an arrow function) returns a truthy value; fire with that value."""
-        def run() -> Any:
-            try:
-                return self.page.wait_for_function(predicate, arg=arg, timeout=timeout * 1000, polling=100).json_value()
-            except PlaywrightTimeout:
-                raise AssertionError(f"timed out after {timeout}s waiting for {predicate} ({arg!r}); page: "
-                                     f"{self.page.evaluate(SNAPSHOT)}; console: {self.console[-8:]}") from None
-        return self.thread.call(run)
-
-    def eval(self, fn: str, arg: Any = None) -> defer.Deferred[Any]:
-        """The value of the JS function ``fn(arg)``."""
-        return self.thread.call(self.page.evaluate, fn, arg)
-
-    def screenshot(self, name: str) -> defer.Deferred[Any]:
-        """Save a full-page screenshot under test-artifacts/, after the page's next redraw."""
-        ARTIFACTS.mkdir(exist_ok=True)
-
-        def run() -> None:
-            draws = self.page.evaluate("() => sensorHub.draws")
-            self.page.wait_for_function("(n) => sensorHub.draws > n", arg=draws, timeout=WAIT_S * 1000)
-            self.page.screenshot(path=str(ARTIFACTS / name), full_page=True)
-        return self.thread.call(run)
-
-
-@dataclass
-class Chromium:
-    thread: BrowserThread
-    browser: Browser
-
-    def open(self, url: str) -> defer.Deferred[Dashboard]:
-        """A fresh browser context (no shared state between pages) with ``url`` loaded."""
-        def run() -> Dashboard:
-            context = self.browser.new_context(viewport={"width": 1280, "height": 800}, accept_downloads=True)
-            page = context.new_page()
-            dash = Dashboard(self.thread, page)
-            page.goto(url)
-            return dash
-        return self.thread.call(run)
-
-
-@pytest_twisted.async_yield_fixture(scope="module")
-async def chromium():
-    thread = BrowserThread()
-    playwright = await thread.call(lambda: sync_playwright().start())
-    browser = await thread.call(playwright.chromium.launch, executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-    try:
-        yield Chromium(thread, browser)
-    finally:
-        await thread.call(browser.close)
-        await thread.call(playwright.stop)
-        thread.stop()
-
-
-@pytest_twisted.async_yield_fixture
-async def open_page(chromium):
-    """Opens dashboard pages; closes them after the test and fails it on any uncaught page exception or
-    Content-Security-Policy violation."""
-    pages: list[Dashboard] = []
-
-    async def open_(url: str) -> Dashboard:
-        dash = await chromium.open(url)
-        pages.append(dash)
-        return dash
-
-    yield open_
-    for dash in pages:
-        await chromium.thread.call(dash.page.context.close)
-    assert [e for dash in pages for e in dash.errors] == []
-    # the page, uPlot included, stays inside its Content-Security-Policy (no inline style or script)
-    assert [m for dash in pages for m in dash.console if "Content Security Policy" in m] == []
-
-
-def dashboard_url(settings: Settings, ticket: str | None = None, **params: str) -> str:
-    """The dashboard's address, ``#ticket=...`` first as ``make run`` prints it, then the other hash params."""
-    fragment = {"ticket": ticket, **params} if ticket is not None else params
-    return f"{router_config.http_base(settings)}/#{urlencode(fragment)}"
 
 
 @dataclass
@@ -236,10 +83,12 @@ async def hub(router, router_settings, tmp_path_factory):
         await wait_until(stored, WAIT_S, message="the history of devices 0, 1 and 2 stored")
         yield Hub(s, CredentialStore(s.paths.secrets_dir).ticket("dashboard"), sessions[0], admin)
     finally:
-        for session in sessions:
-            await session.close()
-        for proc in reversed(procs):
-            proc.stop()
+        try:
+            for session in sessions:
+                await session.close()
+        finally:   # the processes stop even when a session is gone already: they would serve the next tests
+            for proc in reversed(procs):
+                proc.stop()
 
 
 def publish(session: Session, device: str, sensor: str, *args: Any) -> defer.Deferred[Any]:
@@ -533,133 +382,3 @@ async def test_csv_holds_what_a_query_beside_it_answers(hub, open_page) -> None:
         == [(r["ts"], "0", "history", r["value"]) for r in readings]
 
 
-@pytest_twisted.ensureDeferred
-async def test_a_past_range_survives_a_router_restart_and_a_refused_query_shows_the_routers_message(
-        open_page, tmp_path) -> None:
-    """A router of its own, stopped and started again on the same port. Its query callee answers at most 20
-    readings, so the live back-fill (the newest 3,000 readings of a device) is refused."""
-    settings = stack_settings(tmp_path / "stack", devices=("0",), overrides={"query": {"max_results": 20}})
-    router = await threads.deferToThread(RouterProcess(settings).start)
-    procs: list[ComponentProcess] = []
-    try:
-        procs.append(await start_storage(settings))
-        procs.append(await start_query(settings))
-        procs.append(python_process(settings, "simulator", "devices", "simulate", "--device-ids", "0",
-                                    "--rate", "2").start())
-        admin = await as_principal(settings, "admin")
-        try:
-            def stored_a_while() -> defer.Deferred[Any]:
-                d = admin.call("iot.list_devices")
-                d.addCallback(lambda rows: rows and rows[0]["last_ts"] - rows[0]["first_ts"] > 3 and rows[0])
-                return d.addErrback(lambda _: False)
-
-            row = await wait_until(stored_a_while, WAIT_S, message="3 s of device 0's readings stored")
-            start = round(row["first_ts"] + 0.5, 3)
-            window = await admin.call("iot.fetch_between_window", start, start + 2)
-            assert 0 < len(window) <= 20
-            try:   # what the page asks for: the newest 1,000 readings per sensor type
-                await admin.call("iot.fetch_last_window", 1000 * len(row["sensor_types"]), device_id="0")
-                raise AssertionError("the query callee answered more than query.max_results")
-            except ApplicationError as err:
-                assert err.error == "iot.error.too_many_results"
-                refusal = err.args[0]
-        finally:
-            await admin.close()
-
-        ticket = CredentialStore(settings.paths.secrets_dir).ticket("dashboard")
-        page = await open_page(dashboard_url(settings, ticket))
-        note = await page.wait("() => document.getElementById('note').textContent")
-        assert note == f"query refused: iot.error.too_many_results: {refusal}"
-        assert await page.eval("() => document.getElementById('note').className") == "error"
-
-        # A past range of 2 s (at most 20 readings): shown raw, and the error note is gone.
-        await page.thread.call(page.page.goto, dashboard_url(settings, ticket, **{"from": str(start),
-                                                                                   "to": str(start + 2)}))
-        await page.wait("() => sensorHub.loads > 0 && sensorHub.view().range === 'custom'")
-        await page.wait("() => document.getElementById('note').hidden")   # on the next redraw
-        points = lambda series: sorted((s["sensor_type"], p[0], p[1]) for s in series for p in s["points"])  # noqa: E731
-        shown = points(await page.eval("() => sensorHub.series()"))
-        assert shown == sorted((r["sensor_type"], r["ts"], r["value"]) for r in window)
-        loads, received = await page.eval("() => [sensorHub.loads, sensorHub.received]")
-
-        await threads.deferToThread(router.stop)
-        await page.wait("() => sensorHub.state === 'reconnecting'")
-        await threads.deferToThread(router.start)          # same settings: the same port
-        await page.wait(CONNECTED, timeout=30)
-        # loaded again once the query callee has registered again (it may come back after the page)
-        await page.wait("(n) => sensorHub.loads > n", loads, timeout=30)
-        await page.wait("(n) => sensorHub.received > n + 6", received)   # the live events flow again ...
-        assert points(await page.eval("() => sensorHub.series()")) == shown   # ... and the past range stays put
-        view = await page.eval("() => sensorHub.view()")
-        assert (view["range"], view["start"], view["end"], view["mode"]) == ("custom", start, start + 2, "raw")
-        await page.screenshot("dashboard-after-restart.png")
-    finally:
-        for proc in reversed(procs):
-            proc.stop()
-        await threads.deferToThread(router.stop)
-
-
-FLEET = 1000
-
-
-@pytest_twisted.ensureDeferred
-async def test_a_thousand_devices_page_the_table_and_chart_ten(open_page, tmp_path) -> None:
-    """A stack of its own with 1,000 simulated devices publishing one reading every 2 s each (500 readings/s).
-
-    Prints the page's redraw times while they publish (draw(): header, table page, every chart's setData)."""
-    ids = [f"d{i:04d}" for i in range(FLEET)]
-    settings = await threads.deferToThread(stack_settings, tmp_path / "stack", None, None, tuple(ids))
-    router = await threads.deferToThread(RouterProcess(settings).start)
-    procs: list[ComponentProcess] = []
-    try:
-        procs.append(await start_storage(settings))
-        procs.append(await start_query(settings))
-        procs.append(python_process(settings, "simulator", "devices", "simulate", "--device-ids", ",".join(ids),
-                                    "--sensor-types", "temperature,humidity", "--rate", "0.25").start())
-        admin = await as_principal(settings, "admin")
-        try:
-            def all_stored() -> defer.Deferred[Any]:
-                d = admin.call("iot.list_devices").addCallback(lambda rows: len(rows) == FLEET)
-                return d.addErrback(lambda _: False)
-            await wait_until(all_stored, 90, interval=0.5, message=f"readings of all {FLEET} devices stored")
-        finally:
-            await admin.close()
-
-        ticket = CredentialStore(settings.paths.secrets_dir).ticket("dashboard")
-        page = await open_page(dashboard_url(settings, ticket))
-        await page.wait(LOADED, timeout=30)
-        assert await page.eval("() => sensorHub.knownDevices()") == FLEET
-        charted = await page.eval("() => sensorHub.charted()")
-        assert len(charted) == 10
-        seen = [d["last_seen"] for d in await page.eval("() => sensorHub.devices()")]
-        assert len(seen) == FLEET and seen == sorted(seen, reverse=True)    # the table: most recent first
-        await page.wait("() => sensorHub.series().length === 20")   # 10 devices x 2 sensor types
-        note = await page.eval("() => document.getElementById('chart-note').textContent")
-        assert note == "10 of 1000 devices charted, 990 hidden: tick them in the table to chart them"
-        # one page of rows in the document, not a thousand
-        assert await page.eval("() => document.querySelectorAll('#devices tbody tr').length") == 20
-        assert await page.eval("() => document.getElementById('page-info').textContent") == "1-20 of 1000"
-        await page.thread.call(page.page.click, "#next-page")
-        await page.wait("() => document.getElementById('page-info').textContent === '21-40 of 1000'")
-        await page.thread.call(page.page.fill, "#search", "d09")
-        await page.wait("() => document.getElementById('page-info').textContent === "
-                        "'1-20 of 100 (of 1000 devices)'")
-        rows = await page.eval("() => [...document.querySelectorAll('#devices tbody tr')].map(r => r.dataset.device)")
-        assert len(rows) == 20 and all(r.startswith("d09") for r in rows)
-
-        # Redraw time while 1,000 devices publish: 40 redraws (at most 4 a second), live range, 20 series.
-        draws = await page.eval("() => sensorHub.draws")
-        await page.wait("(n) => sensorHub.draws >= n + 40", draws, timeout=60)
-        times = sorted((await page.eval("() => sensorHub.drawMs()"))[-40:])
-        rate = await page.eval("() => sensorHub.readingsPerSecond()")
-        median, p90, worst = times[len(times) // 2], times[int(len(times) * 0.9)], times[-1]
-        print(f"\ndashboard redraw with {FLEET} devices publishing ({rate:.0f} readings/s seen by the page): "
-              f"median {median:.1f} ms, p90 {p90:.1f} ms, max {worst:.1f} ms over {len(times)} redraws")
-        assert rate > 200
-        assert p90 < 100, times      # a redraw comes at most every 250 ms: this leaves the page most of the time
-        await page.thread.call(page.page.fill, "#search", "")
-        await page.screenshot("dashboard-1000-devices.png")
-    finally:
-        for proc in reversed(procs):
-            proc.stop()
-        await threads.deferToThread(router.stop)
