@@ -6,17 +6,21 @@
 It logs in as the ``dashboard`` principal (role reader) with the ticket from ``var/secrets`` (or
 ``IOT_TICKET``), calls ``iot.fetch_between_window`` with progressive results (so a large window streams
 in chunks instead of being refused) and ``iot.aggregate``, prints a summary per device and sensor type,
-and with ``--plot FILE.png`` draws one line per series (needs matplotlib: ``pip install .[plot]``).
+and with ``--plot FILE.png`` draws a chart per sensor type: a line per device, broken where its readings stop,
+and its bucket means dashed in its colour, against UTC dates and times (needs matplotlib: ``pip install .[plot]``).
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
+import math
 import os
 import sys
 import time
 from collections import defaultdict
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from typing import Any
 
 import txaio
@@ -67,31 +71,72 @@ def print_table(rows: Sequence[tuple[Any, ...]], aggregates: list[dict[str, Any]
     print(f"\n{len(aggregates)} aggregate buckets (device x sensor type x bucket) from iot.aggregate")
 
 
-def plot(path: str, readings: list[dict[str, Any]], aggregates: list[dict[str, Any]]) -> None:
-    """One line per (device, sensor type), means per bucket dashed."""
+def with_gaps(xs: list[float], ys: list[float], gap: float) -> tuple[list[float], list[float]]:
+    """``xs``, ``ys`` with a NaN between two points more than ``gap`` apart, so a plotted line breaks there."""
+    out_x: list[float] = []
+    out_y: list[float] = []
+    for i, (x, y) in enumerate(zip(xs, ys, strict=True)):
+        if i and x - xs[i - 1] > gap:
+            out_x.append((x + xs[i - 1]) / 2)
+            out_y.append(math.nan)
+        out_x.append(x)
+        out_y.append(y)
+    return out_x, out_y
+
+
+def usual_gap(ts: list[float]) -> float:
+    """What counts as a gap in readings at times ``ts``: three times their median step, at least 15 s."""
+    steps = sorted(b - a for a, b in itertools.pairwise(ts))
+    return max(15.0, 3 * steps[len(steps) // 2]) if steps else math.inf
+
+
+def duration(seconds: float) -> str:
+    """``seconds`` in the largest unit that divides it: 86400 -> "1 d", 900 -> "15 min", 2.5 -> "2.5 s"."""
+    for unit, name in ((86400, "d"), (3600, "h"), (60, "min")):
+        if seconds >= unit and seconds % unit == 0:
+            return f"{seconds / unit:g} {name}"
+    return f"{seconds:g} s"
+
+
+def plot(path: str, readings: list[dict[str, Any]], aggregates: list[dict[str, Any]], bucket: float) -> None:
+    """One chart per sensor type: a line per device, broken where readings stop, and its bucket means dashed in
+    the same colour; times in UTC."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
+        import matplotlib.dates as mdates
         import matplotlib.pyplot as plt
     except ImportError:
         raise SystemExit("--plot needs matplotlib: .venv/bin/pip install '.[plot]'") from None
-    sensor_types = sorted({r["sensor_type"] for r in readings}) or ["(none)"]
+    when = lambda xs: [datetime.fromtimestamp(x, UTC) for x in xs]  # noqa: E731
+    sensor_types = sorted({r["sensor_type"] for r in readings} | {a["sensor_type"] for a in aggregates}) or ["(none)"]
     fig, axes = plt.subplots(len(sensor_types), 1, figsize=(10, 3.2 * len(sensor_types)), squeeze=False)
     for ax, sensor_type in zip(axes[:, 0], sensor_types, strict=True):
-        by_device: dict[str, list[dict[str, Any]]] = defaultdict(list)
+        raw: dict[str, list[dict[str, Any]]] = defaultdict(list)
+        means: dict[str, list[dict[str, Any]]] = defaultdict(list)
         for r in readings:
             if r["sensor_type"] == sensor_type:
-                by_device[r["device_id"]].append(r)
-        for device_id, rs in sorted(by_device.items()):
-            ax.plot([r["ts"] for r in rs], [r["value"] for r in rs], linewidth=0.8, label=f"device {device_id}")
-        means = [a for a in aggregates if a["sensor_type"] == sensor_type]
-        if means:
-            ax.plot([a["bucket_start"] for a in means], [a["mean"] for a in means], "k--", linewidth=0.6,
-                    alpha=0.5, label="bucket means")
+                raw[r["device_id"]].append(r)
+        for a in aggregates:
+            if a["sensor_type"] == sensor_type:
+                means[a["device_id"]].append(a)
+        for k, device_id in enumerate(sorted(raw.keys() | means.keys())):
+            color = f"C{k % 10}"
+            ts = [r["ts"] for r in raw[device_id]]
+            xs, ys = with_gaps(ts, [r["value"] for r in raw[device_id]], usual_gap(ts))
+            ax.plot(when(xs), ys, color=color, linewidth=0.8, label=f"device {device_id}")
+            centres = [a["bucket_start"] + bucket / 2 for a in means[device_id]]
+            xs, ys = with_gaps(centres, [a["mean"] for a in means[device_id]], max(1.5 * bucket, usual_gap(centres)))
+            ax.plot(when(xs), ys, color=color, linestyle="--", linewidth=1.2, alpha=0.8)
+        locator = mdates.AutoDateLocator(tz=UTC)
+        ax.xaxis.set_major_locator(locator)
+        ax.xaxis.set_major_formatter(mdates.ConciseDateFormatter(locator, tz=UTC))
         ax.set_title(sensor_type)
-        ax.set_xlabel("ts (epoch seconds)")
-        ax.legend(fontsize="small", ncol=4)
+        ax.set_xlabel("time (UTC)")
+        ax.plot([], [], color="grey", linestyle="--", label=f"(dashed) mean per {duration(bucket)}")
+        entries = len(ax.get_legend_handles_labels()[1])
+        ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0), ncol=math.ceil(entries / 12))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     print(f"chart written to {path}")
@@ -117,7 +162,7 @@ def analyse(reactor: Any, args: argparse.Namespace, settings: Settings, ticket: 
     print(f"{len(readings)} readings between {start:.0f} and {end:.0f}\n")
     print_table(summarise(readings), aggregates)
     if args.plot:
-        plot(args.plot, readings, aggregates)
+        plot(args.plot, readings, aggregates, bucket)
     yield component.stop()
 
 
