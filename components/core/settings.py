@@ -119,6 +119,9 @@ class StorageSettings:
                                     minimum=1)
     compact_after_s: float = _setting("a window is compacted once its end is this many seconds in the past", 120.0,
                                       minimum=0.0)
+    retention_days: float = _setting("write batches and segments whose newest reading (ts) is older than this many "
+                                     "days are deleted (DynamoDB: by the table's TTL); 0 keeps everything", 0.0,
+                                     minimum=0.0)
     device_cache: int = _setting("device rows storage keeps in memory (a device not among them is read when it "
                                  "next sends)", 100_000, minimum=1)
 
