@@ -85,8 +85,9 @@ class Compactor:
 
     def __init__(self, store: BatchStore, keys: Callable[[], KeyRing], index: Callable[[], DeviceIndex],
                  segment_seconds: int, compact_after_s: float, shard: int = 0, shards: int = 1,
-                 clock: Callable[[], float] = time.time) -> None:
-        """Compact ``store``; ``index()`` gives the device groups (known once storage has started)."""
+                 clock: Callable[[], float] = time.time, retention_s: float = 0.0) -> None:
+        """Compact ``store``; ``index()`` gives the device groups (known once storage has started). Windows that
+        end more than ``retention_s`` ago (when positive) are left to retention, which deletes them."""
         self._store = store
         self._keys = keys
         self._index = index
@@ -94,6 +95,7 @@ class Compactor:
         self._after_s = compact_after_s
         self._shard, self._shards = shard, shards
         self._clock = clock
+        self._retention_s = retention_s
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._bad: dict[tuple[int, int], set[str]] = {}
@@ -132,10 +134,12 @@ class Compactor:
         closed_before = self._clock() - self._after_s
         last_closed = int(closed_before // self._window_s) - 1  # windows up to this one have ended
         pending = self._store.pending_windows(self._window_s, (last_closed + 1) * self._window_s)
+        expired = (int((self._clock() - self._retention_s) // self._window_s) - 1 if self._retention_s > 0
+                   else None)  # windows up to this one end before the retention's cutoff
         for window, group in pending:
             if self._stop.is_set():
                 break
-            if window <= last_closed and self.mine(group):
+            if window <= last_closed and self.mine(group) and (expired is None or window > expired):
                 self.compact(window, group, report)
         self.passes += 1
         if report.windows:

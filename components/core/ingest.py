@@ -146,7 +146,7 @@ class IngestService:
         self.index = DeviceIndex(b"\0" * 32, 0)  # replaced in start(), from the index key
         self.rows = RowCache(storage.device_cache, self._load_rows)
         self.compactor = Compactor(store, keys, lambda: self.index, storage.segment_seconds, storage.compact_after_s,
-                                   storage.shard, storage.shards, clock)
+                                   storage.shard, storage.shards, clock, storage.retention_days * 86400.0)
         # caller-thread state
         self.counters = Counters()
         self._open: dict[tuple[int, int], OpenBatch] = {}
