@@ -8,7 +8,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from components.core.errors import ConfigError
+from components.core.errors import ConfigError, StorageUnavailable
 from components.core.settings import REQUIRED, Settings, describe, load_settings
 from components.ops import router_config
 from components.ops.credentials import ROLES, CredentialStore
@@ -27,6 +27,12 @@ def _parser() -> argparse.ArgumentParser:
     rekey = sub.add_parser("rekey", help="re-seal every stored record under a new key (safe to interrupt and rerun)")
     rekey.add_argument("--grace", type=float, default=3.0,
                        help="seconds to wait after adding the new key, for running services to pick it up")
+    backup = sub.add_parser("backup", help="copy the live SQLite store into PATH (SQLite's online backup API)")
+    backup.add_argument("path", help="file to write the copy to")
+    backup.add_argument("--force", action="store_true", help="replace PATH if it exists")
+    restore = sub.add_parser("restore", help="make the copy at PATH the store, once it opens with the configured "
+                                             "keys (stop storage and query first)")
+    restore.add_argument("path", help="a copy made by backup")
     http_call = sub.add_parser("http-call", help="call a procedure through the HTTP bridge (signed if required)")
     http_call.add_argument("procedure", help="e.g. iot.fetch_between_window")
     http_call.add_argument("args", nargs="?", default="[]", help="positional arguments as a JSON list")
@@ -73,6 +79,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except StorageUnavailable as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
 
 
 def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
@@ -93,6 +102,12 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
         return _http(settings, store, args)
     if args.command == "rekey":
         return _rekey(settings, args.grace)
+    if args.command in ("backup", "restore"):
+        from components.ops import backups
+
+        if args.command == "backup":
+            return backups.backup(settings, args.path, args.force)
+        return backups.restore(settings, args.path)
     if args.command == "router":
         from components.ops.launcher import crossbar_argv
 
