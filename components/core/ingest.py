@@ -36,6 +36,7 @@ from components.core.batches import OpenBatch, group_epoch, open_groups, open_st
 from components.core.compactor import Compactor
 from components.core.devices import NO_EPOCH, DeviceIndex, DeviceRow, RowCache
 from components.core.errors import IotError
+from components.core.metrics import Histogram
 from components.core.readings import Columns
 from components.core.sealing import KeyRing
 from components.core.settings import BatchingSettings, StorageSettings
@@ -168,6 +169,8 @@ class IngestService:
         self._stopping = threading.Event()
         self._writer = threading.Thread(target=self._run, name="storage-writer", daemon=True)
         self.lost_on_shutdown = 0
+        self.commit_seconds = Histogram()
+        """How long each store commit took (observed once per commit, never per reading)."""
 
     # ---- start and stop
     def start(self, compact: bool = True) -> None:
@@ -557,7 +560,9 @@ class IngestService:
         while True:
             state = seal_state(ring, self._name, self._record(pending, replay, self.queue_depth()))
             try:
+                started = time.perf_counter()
                 written = self._store.commit(sealed, [*sealed_rows, state])
+                self.commit_seconds.observe(time.perf_counter() - started)
                 break
             except IotError as err:
                 failures += 1
