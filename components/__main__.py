@@ -33,6 +33,10 @@ def _parser() -> argparse.ArgumentParser:
     restore = sub.add_parser("restore", help="make the copy at PATH the store, once it opens with the configured "
                                              "keys (stop storage and query first)")
     restore.add_argument("path", help="a copy made by backup")
+    health = sub.add_parser("health", help="ask a running storage or query service on this host whether it is ready "
+                                           "(exit 0) or not (exit 1): the container health check")
+    health.add_argument("service", choices=("storage", "query"))
+    health.add_argument("--live", action="store_true", help="only whether it is alive (its process answers)")
     http_call = sub.add_parser("http-call", help="call a procedure through the HTTP bridge (signed if required)")
     http_call.add_argument("procedure", help="e.g. iot.fetch_between_window")
     http_call.add_argument("args", nargs="?", default="[]", help="positional arguments as a JSON list")
@@ -102,6 +106,8 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
         return _http(settings, store, args)
     if args.command == "rekey":
         return _rekey(settings, args.grace)
+    if args.command == "health":
+        return _health(settings, args.service, args.live)
     if args.command in ("backup", "restore"):
         from components.ops import backups
 
@@ -159,6 +165,22 @@ def _http(settings: Settings, store: CredentialStore, args: argparse.Namespace) 
         return 1
     print(json.dumps(answer, indent=2))
     return 0 if status == 200 and not (isinstance(answer, dict) and "error" in answer) else 1
+
+
+def _health(settings: Settings, service: str, live: bool) -> int:
+    from components.ops.launcher import health_url
+    from components.ops.waiting import http_json
+
+    url = health_url(settings, service, "live" if live else "ready")
+    if url is None:
+        raise ConfigError(f"health: monitoring.{service}_port is 0, so {service} serves no health endpoint")
+    status, doc = http_json(url)
+    if status == 200:
+        print(json.dumps(doc))
+        return 0
+    what = "nothing answers" if status == 0 else f"{status} {json.dumps(doc)}"
+    print(f"{service} is not {'live' if live else 'ready'}: {url}: {what}", file=sys.stderr)
+    return 1
 
 
 def _rekey(settings: Settings, grace: float) -> int:

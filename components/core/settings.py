@@ -158,6 +158,22 @@ class QuerySettings:
 
 
 @dataclass(frozen=True)
+class MonitoringSettings:
+    """The services' monitoring endpoints: Prometheus metrics and health checks over HTTP."""
+
+    listen_host: str = _setting("interface the metrics and health endpoints bind (keep it loopback unless a "
+                                "scraper elsewhere must reach them)", "127.0.0.1")
+    storage_port: int = _setting("port of storage's /metrics, /health/ready and /health/live; 0 turns them off",
+                                 9464, minimum=0)
+    query_port: int = _setting("port of a query callee's /metrics and /health/*; 0 turns them off", 9465,
+                               minimum=0)
+
+    def port(self, service: str) -> int:
+        """The port of ``service`` ("storage" or "query")."""
+        return self.storage_port if service == "storage" else self.query_port
+
+
+@dataclass(frozen=True)
 class SimulatorSettings:
     """Defaults of the device simulator (``python -m devices``)."""
 
@@ -203,6 +219,7 @@ class Settings:
     batching: BatchingSettings
     keys: KeySettings
     query: QuerySettings
+    monitoring: MonitoringSettings
     simulator: SimulatorSettings
     device: DeviceSettings
     log_level: str = _setting("log level of components and devices", "info",
@@ -402,6 +419,10 @@ def _check_together(s: Settings) -> None:
                           f"storage.shards ({s.storage.shards})")
     if s.router.listen_port > 65535:
         raise ConfigError(f"setting router.listen_port: got {s.router.listen_port}, expected a port 1 to 65535")
+    for name in ("storage_port", "query_port"):
+        if getattr(s.monitoring, name) > 65535:
+            raise ConfigError(f"setting monitoring.{name}: got {getattr(s.monitoring, name)}, expected a port "
+                              "0 to 65535 (0: off)")
 
 
 _LOG_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warn": logging.WARNING, "error": logging.ERROR}

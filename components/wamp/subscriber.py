@@ -18,12 +18,14 @@ from twisted.internet import defer, task, threads
 
 from components.core.errors import ConfigError, IotError, StorageUnavailable
 from components.core.ingest import IngestService, Mark
+from components.core.metrics import storage_exposition
 from components.core.retention import Retention, record_name
 from components.core.sealing import KeySource
 from components.core.settings import Settings
 from components.storage.backends import open_store
 from components.wamp import uris
 from components.wamp.connection import announce_ready, make_component, start_service, ticket_auth
+from components.wamp.monitoring import Health, serve
 
 log = txaio.make_logger()
 
@@ -164,6 +166,10 @@ def run(settings: Settings, authid: str = "storage") -> int:
         return 2
     adapter = StorageAdapter(component, service, reactor, start_retention(settings, store, keys))
     adapter.ticker.start(TICK_S, now=False)
+    shard = f"{settings.storage.shard}-of-{settings.storage.shards}"
+    serve(reactor, settings.monitoring.listen_host, settings.monitoring.storage_port,
+          lambda: storage_exposition(service, adapter.retention, shard),
+          Health("storage", lambda: adapter.session is not None and not adapter.stopping, store.max_ts, reactor))
     reactor.addSystemEventTrigger("before", "shutdown", adapter.shutdown)
     component.start(reactor)
     reactor.run()
