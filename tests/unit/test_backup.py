@@ -40,7 +40,11 @@ def events(first_ts: float, n: int, seq0: int) -> list[tuple[str, Any, float]]:
 
 
 def digest(path: str) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    """A digest of the database file and its WAL, if any."""
+    h = hashlib.sha256()
+    for part in sorted(Path(path).parent.glob(Path(path).name + "*")):
+        h.update(part.name.encode() + part.read_bytes())
+    return h.hexdigest()
 
 
 def answers(settings: Settings, path: str) -> list[Any]:
@@ -133,7 +137,9 @@ def test_a_restore_with_a_missing_data_key_names_it_and_changes_nothing(tmp_path
     assert backups.backup(settings, copy) == 0
     other = derive_settings(settings, tmp_path / "other")  # a key file of its own: other keys
     other_ring = KeyFile(other.keys.file).load()
-    ingest(SqliteBatchStore(other.storage.sqlite_path), other_ring).events(events(0.0, 3, 0)).flush()
+    other_store = SqliteBatchStore(other.storage.sqlite_path)
+    ingest(other_store, other_ring).events(events(0.0, 3, 0)).flush()
+    other_store.close()  # the last connection checkpoints the WAL: the files stay as they are from here on
     before = digest(other.storage.sqlite_path)
     assert main(["--config", other.config_path, "restore", copy]) == 1
     err = capsys.readouterr().err
