@@ -352,7 +352,7 @@ def test_delete_before_removes_only_batches_and_segments_that_ended_before_the_c
     old = [rec(q * B + 10.0, q * B + 20.0, group=q % 3) for q in range(3)]
     straddling = rec(3 * B + 40.0, cutoff + 1.0, group=1)  # ends after the cutoff: kept whole
     at_cutoff = rec(3 * B + 45.0, cutoff, group=2)  # hi == cutoff is not "before" it
-    young = [rec(4 * B + 10.0, 4 * B + 20.0, group=g) for g in (1, 2)]
+    young = [rec(4 * B + 10.0 + g, 4 * B + 20.0, group=g) for g in (1, 2)]  # distinct lo: a known order
     any_store.commit([*old, straddling, at_cutoff, *young], [SealedState("device/00", "k0", b"row")])
     old_segment, young_segment = rec(B + 30.0, B + 40.0, group=5), rec(cutoff - 1.0, 5 * B, group=5)
     assert any_store.swap([], [old_segment, young_segment])
