@@ -15,12 +15,13 @@ from collections.abc import Callable, Sequence
 from types import ModuleType
 from typing import Any
 
-from bench import codec, cost, dynamo, fleet, http_bridge, ingest, query
+from bench import codec, cost, dynamo, fleet, http_bridge, ingest, metrics, query, retention
 from bench.entry import Interrupted, add_options, install_signal_handlers, machine_line, options_from
 from bench.results import RESULTS, emit, note, table, target
 
 BENCHES: dict[str, ModuleType] = {"ingest": ingest, "query": query, "cost": cost, "http": http_bridge,
-                                  "dynamo": dynamo, "fleet": fleet, "codec": codec}
+                                  "dynamo": dynamo, "fleet": fleet, "codec": codec, "metrics": metrics,
+                                  "retention": retention}
 """Benchmark name -> module (each has ``run(opts)`` and ``COLUMNS``), in the order ``make bench`` runs them."""
 """Storage memory is "flat" when no run's second-half peak exceeds its first-half peak by more than 10%."""
 MEMORY_COLUMNS = {"memory": ["storage_rss_peak_mb", "storage_flat", "query_rss_peak_mb", "target", "meets_target"]}

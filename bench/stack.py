@@ -63,6 +63,8 @@ def write_settings(root: Path, name: str, port: int, overrides: Mapping[str, Map
     cfg["keys"] = {"source": "file", "file": str(root / "keys.json"), "salt_file": str(root / "key.salt")}
     cfg["device"]["spool_dir"] = str(root / "spool")
     cfg["log_level"] = "info"
+    # no monitoring endpoints unless a case turns them on (python -m bench metrics measures what they cost)
+    cfg["monitoring"] = {"storage_port": 0, "query_port": 0}
     for section, values in (overrides or {}).items():
         if isinstance(values, Mapping):
             cfg.setdefault(section, {}).update(values)

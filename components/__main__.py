@@ -8,7 +8,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from components.core.errors import ConfigError
+from components.core.errors import ConfigError, StorageUnavailable
 from components.core.settings import REQUIRED, Settings, describe, load_settings
 from components.ops import router_config
 from components.ops.credentials import ROLES, CredentialStore
@@ -27,6 +27,16 @@ def _parser() -> argparse.ArgumentParser:
     rekey = sub.add_parser("rekey", help="re-seal every stored record under a new key (safe to interrupt and rerun)")
     rekey.add_argument("--grace", type=float, default=3.0,
                        help="seconds to wait after adding the new key, for running services to pick it up")
+    backup = sub.add_parser("backup", help="copy the live SQLite store into PATH (SQLite's online backup API)")
+    backup.add_argument("path", help="file to write the copy to")
+    backup.add_argument("--force", action="store_true", help="replace PATH if it exists")
+    restore = sub.add_parser("restore", help="make the copy at PATH the store, once it opens with the configured "
+                                             "keys (stop storage and query first)")
+    restore.add_argument("path", help="a copy made by backup")
+    health = sub.add_parser("health", help="ask a running storage or query service on this host whether it is ready "
+                                           "(exit 0) or not (exit 1): the container health check")
+    health.add_argument("service", choices=("storage", "query"))
+    health.add_argument("--live", action="store_true", help="only whether it is alive (its process answers)")
     http_call = sub.add_parser("http-call", help="call a procedure through the HTTP bridge (signed if required)")
     http_call.add_argument("procedure", help="e.g. iot.fetch_between_window")
     http_call.add_argument("args", nargs="?", default="[]", help="positional arguments as a JSON list")
@@ -73,6 +83,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except StorageUnavailable as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
 
 
 def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
@@ -93,6 +106,14 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
         return _http(settings, store, args)
     if args.command == "rekey":
         return _rekey(settings, args.grace)
+    if args.command == "health":
+        return _health(settings, args.service, args.live)
+    if args.command in ("backup", "restore"):
+        from components.ops import backups
+
+        if args.command == "backup":
+            return backups.backup(settings, args.path, args.force)
+        return backups.restore(settings, args.path)
     if args.command == "router":
         from components.ops.launcher import crossbar_argv
 
@@ -144,6 +165,22 @@ def _http(settings: Settings, store: CredentialStore, args: argparse.Namespace) 
         return 1
     print(json.dumps(answer, indent=2))
     return 0 if status == 200 and not (isinstance(answer, dict) and "error" in answer) else 1
+
+
+def _health(settings: Settings, service: str, live: bool) -> int:
+    from components.ops.launcher import health_url
+    from components.ops.waiting import http_json
+
+    url = health_url(settings, service, "live" if live else "ready")
+    if url is None:
+        raise ConfigError(f"health: monitoring.{service}_port is 0, so {service} serves no health endpoint")
+    status, doc = http_json(url)
+    if status == 200:
+        print(json.dumps(doc))
+        return 0
+    what = "nothing answers" if status == 0 else f"{status} {json.dumps(doc)}"
+    print(f"{service} is not {'live' if live else 'ready'}: {url}: {what}", file=sys.stderr)
+    return 1
 
 
 def _rekey(settings: Settings, grace: float) -> int:

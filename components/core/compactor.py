@@ -85,8 +85,9 @@ class Compactor:
 
     def __init__(self, store: BatchStore, keys: Callable[[], KeyRing], index: Callable[[], DeviceIndex],
                  segment_seconds: int, compact_after_s: float, shard: int = 0, shards: int = 1,
-                 clock: Callable[[], float] = time.time) -> None:
-        """Compact ``store``; ``index()`` gives the device groups (known once storage has started)."""
+                 clock: Callable[[], float] = time.time, retention_s: float = 0.0) -> None:
+        """Compact ``store``; ``index()`` gives the device groups (known once storage has started). Windows that
+        end more than ``retention_s`` ago (when positive) are left to retention, which deletes them."""
         self._store = store
         self._keys = keys
         self._index = index
@@ -94,10 +95,14 @@ class Compactor:
         self._after_s = compact_after_s
         self._shard, self._shards = shard, shards
         self._clock = clock
+        self._retention_s = retention_s
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._bad: dict[tuple[int, int], set[str]] = {}
         self.passes = 0
+        self.oldest_due: float | None = None
+        """End of the oldest window that was due for compaction and still held write batches, as of the latest
+        pass (None: none); its age past ``compact_after_s`` is the compaction lag."""
 
     # ---- the thread
     def start(self) -> None:
@@ -122,6 +127,11 @@ class Compactor:
             self._stop.wait(min(PASS_INTERVAL_S, max(1.0, self._after_s)))
 
     # ---- one pass
+    def lag(self) -> float:
+        """Seconds the oldest window due for compaction has waited past ``compact_after_s`` (0: none waits)."""
+        due = self.oldest_due
+        return 0.0 if due is None else max(0.0, self._clock() - self._after_s - due)
+
     def mine(self, group: int) -> bool:
         """True for the groups this shard compacts."""
         return group % self._shards == self._shard
@@ -132,11 +142,15 @@ class Compactor:
         closed_before = self._clock() - self._after_s
         last_closed = int(closed_before // self._window_s) - 1  # windows up to this one have ended
         pending = self._store.pending_windows(self._window_s, (last_closed + 1) * self._window_s)
-        for window, group in pending:
-            if self._stop.is_set():
-                break
-            if window <= last_closed and self.mine(group):
-                self.compact(window, group, report)
+        expired = (int((self._clock() - self._retention_s) // self._window_s) - 1 if self._retention_s > 0
+                   else None)  # windows up to this one end before the retention's cutoff
+        due = [(w, g) for w, g in pending if w <= last_closed and self.mine(g) and (expired is None or w > expired)]
+        self.oldest_due = (min(due)[0] + 1) * self._window_s if due else None
+        left = []
+        for window, group in due:
+            if self._stop.is_set() or not self.compact(window, group, report):
+                left.append(window)
+        self.oldest_due = (min(left) + 1) * self._window_s if left else None
         self.passes += 1
         if report.windows:
             log.info("compacted %d window(s): %d record(s) into %d segment(s), %d readings", report.windows,

@@ -45,6 +45,7 @@ from components.core.batches import (
 from components.core.compactor import Compactor
 from components.core.devices import NO_EPOCH, DeviceIndex, DeviceRow, RowCache
 from components.core.errors import IotError
+from components.core.metrics import Histogram
 from components.core.readings import Columns
 from components.core.sealing import KeyRing
 from components.core.settings import BatchingSettings, StorageSettings
@@ -155,7 +156,7 @@ class IngestService:
         self.index = DeviceIndex(b"\0" * 32, 0)  # replaced in start(), from the index key
         self.rows = RowCache(storage.device_cache, self._load_rows)
         self.compactor = Compactor(store, keys, lambda: self.index, storage.segment_seconds, storage.compact_after_s,
-                                   storage.shard, storage.shards, clock)
+                                   storage.shard, storage.shards, clock, storage.retention_days * 86400.0)
         # caller-thread state
         self.counters = Counters()
         self._open: dict[tuple[int, int], OpenBatch] = {}
@@ -177,6 +178,8 @@ class IngestService:
         self._stopping = threading.Event()
         self._writer = threading.Thread(target=self._run, name="storage-writer", daemon=True)
         self.lost_on_shutdown = 0
+        self.commit_seconds = Histogram()
+        """How long each store commit took (observed once per commit, never per reading)."""
 
     # ---- start and stop
     def start(self, compact: bool = True) -> None:
@@ -567,7 +570,9 @@ class IngestService:
         while True:
             state = seal_state(ring, self._name, self._record(pending, replay, self.queue_depth()))
             try:
+                started = time.perf_counter()
                 written = self._store.commit(sealed, [*sealed_rows, state])
+                self.commit_seconds.observe(time.perf_counter() - started)
                 break
             except IotError as err:
                 failures += 1

@@ -27,6 +27,7 @@ from components.core.devices import DEVICE_PREFIX, DeviceIndex, DeviceRow
 from components.core.errors import InvalidArgument, TooManyResults
 from components.core.ingest import STATE_PREFIX, STATE_VERSION, TAG_BITS, open_rows
 from components.core.readings import reading_dict, valid_id
+from components.core.retention import PREFIX as RETENTION_PREFIX
 from components.core.sealing import KeyRing
 from components.core.settings import QuerySettings, StorageSettings
 from components.storage.interface import BATCH, SEGMENT, BatchStore, Groups, SealedBatch
@@ -86,6 +87,16 @@ class ShardStats(TypedDict):
     queue_depth: int
 
 
+class RemovedStats(TypedDict):
+    """What retention deleted (``storage.retention_days``), summed over storage instances."""
+
+    records: int
+    readings: int
+    bytes: int
+    before: float | None
+    by: str | None
+
+
 class Stats(TypedDict):
     """Storage counters summed over every storage instance."""
 
@@ -99,6 +110,7 @@ class Stats(TypedDict):
     queue_depth: int
     rejected: dict[str, int]
     shards: list[ShardStats]
+    removed: RemovedStats
 
 
 @dataclass(frozen=True)
@@ -506,4 +518,18 @@ class QueryService:
                 total["rejected"][reason] = total["rejected"].get(reason, 0) + n
             total["shards"].append({"name": state["name"], "written_at": state.get("written_at"),
                                     "stored": counters.get("stored", 0), "queue_depth": state.get("queue_depth", 0)})
+        total["removed"] = self._removed()
         return cast(Stats, total)
+
+    def _removed(self) -> RemovedStats:
+        """Retention's totals: records, readings and bytes deleted, the latest cutoff and who deletes."""
+        ring = self.keys()
+        removed: RemovedStats = {"records": 0, "readings": 0, "bytes": 0, "before": None, "by": None}
+        for sealed in self.store.states(RETENTION_PREFIX):
+            value = open_state(ring, sealed)
+            removed["records"] += value.get("records", 0)
+            removed["readings"] += value.get("readings", 0)
+            removed["bytes"] += value.get("bytes", 0)
+            removed["before"] = max(removed["before"] or value["before"], value["before"])
+            removed["by"] = value.get("by")
+        return removed

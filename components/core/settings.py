@@ -122,6 +122,9 @@ class StorageSettings:
                                     minimum=1)
     compact_after_s: float = _setting("a window is compacted once its end is this many seconds in the past", 120.0,
                                       minimum=0.0)
+    retention_days: float = _setting("write batches and segments whose newest reading (ts) is older than this many "
+                                     "days are deleted (DynamoDB: by the table's TTL); 0 keeps everything", 0.0,
+                                     minimum=0.0)
     device_cache: int = _setting("device rows storage keeps in memory (a device not among them is read when it "
                                  "next sends)", 100_000, minimum=1)
 
@@ -155,6 +158,22 @@ class QuerySettings:
     chunk_size: int = _setting("readings per progressive result", 1000, minimum=1)
     cache_readings: int = _setting("decrypted readings a query callee keeps in memory", 1_000_000, minimum=0)
     audit_flush_s: float = _setting("seconds between writes of buffered audit entries", 1.0, minimum=0.05)
+
+
+@dataclass(frozen=True)
+class MonitoringSettings:
+    """The services' monitoring endpoints: Prometheus metrics and health checks over HTTP."""
+
+    listen_host: str = _setting("interface the metrics and health endpoints bind (keep it loopback unless a "
+                                "scraper elsewhere must reach them)", "127.0.0.1")
+    storage_port: int = _setting("port of storage's /metrics, /health/ready and /health/live; 0 turns them off",
+                                 9464, minimum=0)
+    query_port: int = _setting("port of a query callee's /metrics and /health/*; 0 turns them off", 9465,
+                               minimum=0)
+
+    def port(self, service: str) -> int:
+        """The port of ``service`` ("storage" or "query")."""
+        return self.storage_port if service == "storage" else self.query_port
 
 
 @dataclass(frozen=True)
@@ -203,6 +222,7 @@ class Settings:
     batching: BatchingSettings
     keys: KeySettings
     query: QuerySettings
+    monitoring: MonitoringSettings
     simulator: SimulatorSettings
     device: DeviceSettings
     log_level: str = _setting("log level of components and devices", "info",
@@ -402,6 +422,10 @@ def _check_together(s: Settings) -> None:
                           f"storage.shards ({s.storage.shards})")
     if s.router.listen_port > 65535:
         raise ConfigError(f"setting router.listen_port: got {s.router.listen_port}, expected a port 1 to 65535")
+    for name in ("storage_port", "query_port"):
+        if getattr(s.monitoring, name) > 65535:
+            raise ConfigError(f"setting monitoring.{name}: got {getattr(s.monitoring, name)}, expected a port "
+                              "0 to 65535 (0: off)")
 
 
 _LOG_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warn": logging.WARNING, "error": logging.ERROR}

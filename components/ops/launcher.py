@@ -1,7 +1,8 @@
 """``make run``: the whole local stack under one supervisor, restarted when a service dies, stopped on Ctrl-C.
 
-The router starts first (its log in ``run_dir/logs/router.log``); once it listens, storage, query and the
-simulated devices start, their output shown here with their names in front (and kept in ``run_dir/logs``).
+The router starts first (its log in ``run_dir/logs/router.log``); once it listens, storage and query start, and
+once both answer ready on their health endpoints (``/health/ready``: WAMP session up, store answering), the
+simulated devices; their output is shown here with their names in front (and kept in ``run_dir/logs``).
 A service that dies is started again after a backoff and the restart is logged; the delivery guarantees
 mean nothing is lost meanwhile (devices keep their readings until storage acknowledges them). A service that
 fails again at once, several times in a row, is reported with its last log lines and the stack stops.
@@ -15,17 +16,20 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from components.core.settings import Settings
 from components.ops import dynamodb_local, router_config
 from components.ops.credentials import CredentialStore
-from components.ops.supervisor import Event, ServiceSpec, Supervisor
-from components.ops.waiting import accepts
+from components.ops.supervisor import Child, Event, ServiceSpec, Supervisor
+from components.ops.waiting import accepts, wait_until
 
 SERVICES: tuple[str, ...] = ("storage", "query")
 """Service components started between the router and the devices (``python -m components <name>``)."""
 ROUTER_START_TIMEOUT_S = 90.0
+SERVICE_START_TIMEOUT_S = 120.0
+"""How long storage and query may take to be ready (storage waits for its backend: DynamoDB Local starts slowly)."""
 POLL_S = 0.2
 
 
@@ -42,6 +46,23 @@ def crossbar_argv(node_dir: Path, loglevel: str = "info") -> list[str]:
 
 def _python(module: str, settings: Settings, *args: str) -> list[str]:
     return [sys.executable, "-m", module, "--config", settings.config_path, *args]
+
+
+def health_url(settings: Settings, service: str, check: str = "ready") -> str | None:
+    """The URL of a service's health check on this host (None when its monitoring port is 0)."""
+    port = settings.monitoring.port(service)
+    if not port:
+        return None
+    host = settings.monitoring.listen_host
+    host = "127.0.0.1" if host in ("0.0.0.0", "") else "[::1]" if host == "::" else host  # noqa: S104 - a check
+    return f"http://{host}:{port}/health/{check}"
+
+
+def _service_spec(settings: Settings, name: str, logs: Path) -> ServiceSpec:
+    """Storage or query: ready once its health endpoint says so (or, with the endpoint off, once it says so)."""
+    url = health_url(settings, name)
+    return ServiceSpec(name, _python("components", settings, name), logs / f"{name}.log", echo=True,
+                       ready_url=url, announces=None if url else name)
 
 
 def _local_dynamodb(settings: Settings, supervisor: Supervisor, logs: Path) -> None:
@@ -65,6 +86,21 @@ def _local_dynamodb(settings: Settings, supervisor: Supervisor, logs: Path) -> N
     child = supervisor.start(ServiceSpec("dynamodb", dynamodb_local.command(jar, port, data), logs / "dynamodb.log",
                                          cwd=jar.parent, ready_port=port))
     child.wait_ready(60)
+
+
+def _wait_ready(supervisor: Supervisor, services: list[Child], stopping: Callable[[], bool]) -> bool:
+    """Wait until every service is ready (or Ctrl-C); False when the supervisor gave one up meanwhile (it restarts
+    a service that dies while starting, as later)."""
+    gave_up = False
+
+    def ready() -> bool:
+        nonlocal gave_up
+        gave_up = gave_up or any(_report(event) for event in supervisor.poll())
+        return stopping() or gave_up or all(child.is_ready() for child in services)
+
+    wait_until(ready, SERVICE_START_TIMEOUT_S, f"{' and '.join(c.name for c in services)} to be ready",
+               interval=POLL_S)
+    return not gave_up
 
 
 def _report(event: Event) -> bool:
@@ -115,11 +151,12 @@ def run_stack(settings: Settings, with_devices: bool = True) -> int:
         print(f"starting router on {settings.router.listen_host}:{settings.router.listen_port} "
               f"(log: {logs / 'router.log'}) ...", flush=True)
         router.wait_ready(ROUTER_START_TIMEOUT_S)
-        names = [*SERVICES, "devices"] if with_devices else list(SERVICES)
-        for name in names:
-            module, command = ("devices", "simulate") if name == "devices" else ("components", name)
-            supervisor.start(ServiceSpec(name, _python(module, settings, command), logs / f"{name}.log", echo=True,
-                                         announces=None if name == "devices" else name))
+        services = [supervisor.start(_service_spec(settings, name, logs)) for name in SERVICES]
+        if not _wait_ready(supervisor, services, lambda: stopping):
+            return 1
+        if with_devices and not stopping:
+            supervisor.start(ServiceSpec("devices", _python("devices", settings, "simulate"), logs / "devices.log",
+                                         echo=True))
         _banner(settings)
         while not stopping:
             if any(_report(event) for event in supervisor.poll()):
@@ -127,7 +164,7 @@ def run_stack(settings: Settings, with_devices: bool = True) -> int:
                 break
             time.sleep(POLL_S)  # the supervisor's own pace: a few looks a second at its children
     except (TimeoutError, RuntimeError) as err:
-        print(f"error: {err} (see {logs / 'router.log'})", file=sys.stderr, flush=True)
+        print(f"error: {err} (logs in {logs})", file=sys.stderr, flush=True)
         code = 1
     finally:
         print("stopping ...", flush=True)

@@ -12,11 +12,13 @@ given up: :meth:`Supervisor.poll` reports it with its last log lines, and the ca
 A child that exits 0 is done and stays stopped.
 
 Readiness is machine-readable, never log text: a child whose spec names a ``ready_port`` is ready once that
-port accepts connections (the router); one whose spec names what it ``announces`` is ready once it prints
-the line :func:`ready_line` makes, ``{"ready": "<name>", "pid": N}`` (the storage and query services, see
-``components.wamp.connection.announce_ready``). :meth:`Child.wait_ready` waits for either. A program that
-opens its port before it is fully set up (Crossbar with proxy workers) names a ``ready_marker`` as well: a
-fixed token the program itself prints when it is (Crossbar's ``NODE_BOOT_COMPLETE``).
+port accepts connections (the router); one whose spec names a ``ready_url`` is ready once that health endpoint
+answers 200 from the child's own process (storage and query: ``/health/ready``, see
+``components.wamp.monitoring``); one whose spec names what it ``announces`` is ready once it prints the line
+:func:`ready_line` makes, ``{"ready": "<name>", "pid": N}`` (``components.wamp.connection.announce_ready``).
+:meth:`Child.wait_ready` waits for any of them. A program that opens its port before it is fully set up
+(Crossbar with proxy workers) names a ``ready_marker`` as well: a fixed token the program itself prints when it
+is (Crossbar's ``NODE_BOOT_COMPLETE``).
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
-from components.ops.waiting import wait_for_port, wait_until
+from components.ops.waiting import accepts, http_ready, wait_for_port, wait_until
 
 _PR_SET_PDEATHSIG = 1
 STOP_TIMEOUT_S = 20.0
@@ -95,6 +97,8 @@ class ServiceSpec:
     """Ready once it prints ``ready_line(announces)``."""
     ready_marker: str | None = None
     """With ``ready_port``: ready once the port accepts and a line holding this token was printed."""
+    ready_url: str | None = None
+    """Ready once this health endpoint answers 200 from the child's process."""
 
 
 def describe_exit(code: int) -> str:
@@ -152,7 +156,8 @@ class Child:
         return "\n".join(f"    {line}" for line in self.tail) or "    (it printed nothing)"
 
     def wait_ready(self, timeout: float) -> Child:
-        """Block until it is ready (its port accepts, or it printed its ready line); raise if it exits first.
+        """Block until it is ready (its port accepts, its health endpoint says ready, or it printed its ready line);
+        raise if it exits first.
 
         RuntimeError (it exited) or TimeoutError, with its last lines. A spec naming no readiness is ready now.
         """
@@ -164,11 +169,31 @@ class Child:
                 if spec.ready_marker is not None:
                     wait_until(self._announced, max(0.0, deadline - time.monotonic()),
                                f"{spec.name} to print {spec.ready_marker}")
+            elif spec.ready_url is not None:
+                wait_until(self._says_ready, timeout, f"{spec.name} to answer {spec.ready_url} with ready",
+                           interval=0.2)
             elif spec.announces is not None:
                 wait_until(self._announced, timeout, f"{spec.name} to print its ready line")
         except (TimeoutError, RuntimeError) as err:
             raise type(err)(f"{spec.name} did not get ready: {err}; its last lines:\n{self._last_lines()}") from None
         return self
+
+    def _says_ready(self) -> bool:
+        proc = self.proc
+        if proc is None or proc.poll() is not None:
+            raise RuntimeError(f"process exited ({describe_exit(proc.returncode) if proc else 'not started'})")
+        return http_ready(str(self.spec.ready_url), proc.pid) is not None
+
+    def is_ready(self) -> bool:
+        """Whether the current process is ready now (one look, no waiting; False while it is not running)."""
+        proc, spec = self.proc, self.spec
+        if proc is None or proc.poll() is not None:
+            return False
+        if spec.ready_port is not None:
+            return (spec.ready_marker is None or self.ready.is_set()) and accepts(spec.ready_host, spec.ready_port)
+        if spec.ready_url is not None:
+            return http_ready(spec.ready_url, proc.pid) is not None
+        return spec.announces is None or self.ready.is_set()
 
     def _announced(self) -> bool:
         if self.ready.is_set():

@@ -1,11 +1,15 @@
-"""Waiting without fixed sleeps: a deadline, a poll loop against it, a port that accepts, a free port."""
+"""Waiting without fixed sleeps: a deadline, a poll loop against it, a port that accepts, a health endpoint that
+says ready, a free port."""
 
 from __future__ import annotations
 
+import json
 import socket
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 T = TypeVar("T")
 
@@ -71,6 +75,32 @@ def wait_for_port(host: str, port: int, deadline: float, alive: object | None = 
         wait_until(listening, deadline - time.monotonic(), f"{host}:{port}", interval=0.1)
     except TimeoutError:
         raise TimeoutError(f"nothing listened on {host}:{port} in time") from None
+
+
+_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback: never through a proxy
+
+
+def http_json(url: str, timeout: float = 2.0) -> tuple[int, Any]:
+    """(status, JSON document) of a GET of ``url``; (0, None) when nothing answers or the answer is not JSON."""
+    try:
+        with _DIRECT.open(url, timeout=timeout) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as err:
+        try:
+            return err.code, json.loads(err.read())
+        except ValueError:
+            return err.code, None
+    except (urllib.error.URLError, OSError, ValueError):
+        return 0, None
+
+
+def http_ready(url: str, pid: int | None = None, timeout: float = 2.0) -> dict[str, Any] | None:
+    """The JSON document ``url`` (a service's ``/health/ready``) answers with 200, else None (not ready, not
+    answering). With ``pid``, only an answer of that process counts: a port may be another stack's."""
+    status, doc = http_json(url, timeout)
+    if status != 200 or not isinstance(doc, dict) or (pid is not None and doc.get("pid") != pid):
+        return None
+    return doc
 
 
 def free_port(host: str = "127.0.0.1") -> int:

@@ -65,6 +65,19 @@ Groups = Collection[int] | None
 """Device groups a read is limited to (None: every group)."""
 
 
+@dataclass(frozen=True, slots=True)
+class Removed:
+    """What a deletion took away: records (write batches and segments), the readings they held, their body bytes."""
+
+    records: int = 0
+    readings: int = 0
+    bytes: int = 0
+
+    def __add__(self, other: Removed) -> Removed:
+        """Both deletions together."""
+        return Removed(self.records + other.records, self.readings + other.readings, self.bytes + other.bytes)
+
+
 class BatchStore(Protocol):
     """What storage and queries need from a backend. Every method may raise StorageUnavailable."""
 
@@ -117,6 +130,19 @@ class BatchStore(Protocol):
 
         False, changing nothing, when one of ``old`` is gone (another compactor got there first).
         """
+        ...
+
+    def delete_before(self, before: float, limit: int) -> Removed:
+        """Delete up to ``limit`` write batches and segments whose hi is below ``before`` (where the backend has
+        transactions, in one small one) and say what went; call again until it removes nothing.
+
+        Audit chunks and named records are never deleted; neither is a record with hi >= ``before``.
+        """
+        ...
+
+    @property
+    def expires_itself(self) -> bool:
+        """True when the backend removes records past their retention on its own (DynamoDB's TTL attribute)."""
         ...
 
     def states(self, prefix: str) -> list[SealedState]:

@@ -11,7 +11,7 @@ import threading
 from collections.abc import Iterator, Sequence
 from typing import Literal
 
-from components.storage.interface import AUDIT, BATCH, SEGMENT, Groups, Kind, SealedBatch, SealedState
+from components.storage.interface import AUDIT, BATCH, SEGMENT, Groups, Kind, Removed, SealedBatch, SealedState
 
 
 class MemoryBatchStore:
@@ -19,6 +19,7 @@ class MemoryBatchStore:
 
     max_body_bytes: int | None = None
     atomic_commit = True
+    expires_itself = False
 
     def __init__(self) -> None:
         """An empty store."""
@@ -90,6 +91,15 @@ class MemoryBatchStore:
             for s in new:
                 self._records[SEGMENT][s.uid] = s
         return True
+
+    def delete_before(self, before: float, limit: int) -> Removed:
+        """Delete up to ``limit`` batches and segments with hi below ``before``, oldest first."""
+        with self._lock:
+            old = sorted(((b.hi, kind, b) for kind in (BATCH, SEGMENT) for b in self._records[kind].values()
+                          if b.hi < before), key=lambda x: x[0])[:max(0, limit)]
+            for _, kind, b in old:
+                del self._records[kind][b.uid]
+        return Removed(len(old), sum(b.count for _, _, b in old), sum(len(b.body) for _, _, b in old))
 
     def _find(self, record: SealedBatch) -> dict[str, SealedBatch] | None:
         for kind in (BATCH, SEGMENT):

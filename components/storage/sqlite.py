@@ -19,7 +19,17 @@ from pathlib import Path
 from typing import Any, Literal
 
 from components.core.errors import StorageUnavailable
-from components.storage.interface import AUDIT, BATCH, SEGMENT, Groups, Kind, SealedBatch, SealedState, span_class
+from components.storage.interface import (
+    AUDIT,
+    BATCH,
+    SEGMENT,
+    Groups,
+    Kind,
+    Removed,
+    SealedBatch,
+    SealedState,
+    span_class,
+)
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +93,7 @@ class SqliteBatchStore:
     """Implements :class:`components.storage.interface.BatchStore` on a SQLite file (one connection per thread)."""
 
     max_body_bytes: int | None = None
+    expires_itself = False
 
     def __init__(self, path: str | Path) -> None:
         """Open (creating or upgrading the schema of) the database at ``path``."""
@@ -300,6 +311,32 @@ class SqliteBatchStore:
         except sqlite3.Error as err:
             raise StorageUnavailable(f"SQLite write to {self.path} failed: {err}") from err
         return True
+
+    def delete_before(self, before: float, limit: int) -> Removed:
+        """Delete up to ``limit`` batches and segments with hi below ``before`` (oldest first, ranges of the hi
+        index) in one transaction, then give the freed pages back."""
+        conn = self._conn()
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                rows: list[tuple[int, int, int]] = []
+                for kind in (BATCH, SEGMENT):
+                    rows += conn.execute("SELECT id, n, length(body) FROM records WHERE kind = ? AND hi < ? "
+                                         "ORDER BY hi LIMIT ?", (kind, before, limit - len(rows))).fetchall()
+                    if len(rows) >= limit:
+                        break
+                for i in range(0, len(rows), _IN_CHUNK):
+                    ids = [r[0] for r in rows[i:i + _IN_CHUNK]]
+                    conn.execute(f"DELETE FROM records WHERE id IN ({','.join('?' * len(ids))})", ids)
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            if rows:
+                conn.executescript("PRAGMA incremental_vacuum;")
+        except sqlite3.Error as err:
+            raise StorageUnavailable(f"SQLite write to {self.path} failed: {err}") from err
+        return Removed(len(rows), sum(r[1] for r in rows), sum(r[2] for r in rows))
 
     def states(self, prefix: str) -> list[SealedState]:
         """Named records whose name starts with ``prefix`` (a range of the primary key)."""

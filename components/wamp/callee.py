@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 import socket
 import sys
+import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -22,6 +24,7 @@ from twisted.internet import defer, task, threads
 
 from components.core.audit import AuditLog
 from components.core.errors import ConfigError, InvalidArgument, IotError, StorageUnavailable
+from components.core.metrics import Exposition, Histogram
 from components.core.query import QueryService
 from components.core.settings import Settings
 from components.storage.backends import LazyStore, open_store
@@ -34,6 +37,7 @@ from components.wamp.connection import (
     tune_gc,
     wamp_errors,
 )
+from components.wamp.monitoring import Health, serve
 
 log = txaio.make_logger()
 
@@ -110,7 +114,13 @@ class QueryAdapter:
         self.audit = audit
         self.reactor = reactor
         self.calls = 0
+        self.session: Any = None
+        self.latency = {procedure: Histogram() for procedure in PROCEDURES}
+        """Seconds per call (answered or failed), per procedure; a call's count is its histogram's."""
+        self.errors: Counter[tuple[str, str]] = Counter()
+        """Failed calls by (procedure, error URI)."""
         component.on("join", self._on_join)
+        component.on("leave", self._on_leave)
 
     @defer.inlineCallbacks
     def _on_join(self, session: Any, details: Any) -> Any:
@@ -118,29 +128,54 @@ class QueryAdapter:
         for procedure in PROCEDURES:
             yield session.register(self._handler(procedure), procedure, options=options)
         log.info("query callee registered {n} procedures as {authid}", n=len(PROCEDURES), authid=details.authid)
+        self.session = session
         announce_ready("query")
+
+    def _on_leave(self, session: Any, details: Any) -> None:
+        self.session = None
 
     def _handler(self, procedure: str) -> Callable[..., Any]:
         @wamp_errors
         @defer.inlineCallbacks
         def handle(*args: Any, details: Any = None, **kwargs: Any) -> Any:
             self.calls += 1
+            started = time.perf_counter()
             progress = getattr(details, "progress", None)
             authid, authrole = getattr(details, "caller_authid", None), getattr(details, "caller_authrole", None)
             try:
                 result = yield threads.deferToThread(self._answer, procedure, args, kwargs, progress)
             except IotError as err:
+                self._count(procedure, started, uris.error_uri(err))
                 self.audit.record(authid, authrole, procedure, list(args), kwargs, None, uris.error_uri(err))
                 raise
             except Exception as err:
                 log.failure("query {procedure} failed", procedure=procedure)
+                self._count(procedure, started, "wamp.error.runtime_error")
                 self.audit.record(authid, authrole, procedure, list(args), kwargs, None, "internal_error")
                 raise ApplicationError("wamp.error.runtime_error", f"{procedure} failed: {err}") from err
+            self._count(procedure, started)
             rows, value = result
             self.audit.record(authid, authrole, procedure, list(args), kwargs, rows)
             return value
 
         return handle
+
+    def _count(self, procedure: str, started: float, error: str | None = None) -> None:
+        self.latency[procedure].observe(time.perf_counter() - started)
+        if error is not None:
+            self.errors[procedure, error] += 1
+
+    def metrics(self) -> str:
+        """The callee's metrics: calls and latency per procedure, errors by URI, the process."""
+        out = Exposition()
+        out.counter("iot_query_calls_total", "Calls answered or failed, per procedure.",
+                    [({"procedure": p}, h.snapshot()[2]) for p, h in self.latency.items()])
+        out.counter("iot_query_errors_total", "Failed calls, per procedure and error URI.",
+                    [({"procedure": p, "error": e}, n) for (p, e), n in sorted(self.errors.items())])
+        out.histogram("iot_query_seconds", "Time to answer a call, per procedure.",
+                      [({"procedure": p}, h) for p, h in self.latency.items()])
+        out.process()
+        return out.text()
 
     def _answer(self, procedure: str, args: tuple[Any, ...], kwargs: dict[str, Any],
                 progress: Callable[..., Any] | None) -> tuple[int | None, Any]:
@@ -182,6 +217,8 @@ def run(settings: Settings, authid: str = "query") -> int:
     audit = AuditLog(store, keys, f"{socket.gethostname()}:{os.getpid()}", settings.query.max_results)
     component = make_component(settings.router, ticket_auth(authid, ticket))
     adapter = QueryAdapter(component, service, audit, reactor)
+    serve(reactor, settings.monitoring.listen_host, settings.monitoring.query_port, adapter.metrics,
+          Health("query", lambda: adapter.session is not None, lambda: store.max_ts(), reactor))  # opened when asked
     flusher = task.LoopingCall(adapter.flush_audit)
     flusher.start(settings.query.audit_flush_s, now=False)
 

@@ -18,11 +18,14 @@ from twisted.internet import defer, task, threads
 
 from components.core.errors import ConfigError, IotError, StorageUnavailable
 from components.core.ingest import IngestService, Mark
+from components.core.metrics import storage_exposition
+from components.core.retention import Retention, record_name
 from components.core.sealing import KeySource
 from components.core.settings import Settings
 from components.storage.backends import open_store
 from components.wamp import uris
 from components.wamp.connection import announce_ready, make_component, start_service, ticket_auth
+from components.wamp.monitoring import Health, serve
 
 log = txaio.make_logger()
 
@@ -48,10 +51,12 @@ def deliver(service: IngestService, topic: str, payload: object, received_at: fl
 class StorageAdapter:
     """Connects an IngestService to a WAMP session."""
 
-    def __init__(self, component: Component, service: IngestService, reactor: Any) -> None:
-        """Wire ``service`` to ``component``; acks go out on ``reactor``'s thread."""
+    def __init__(self, component: Component, service: IngestService, reactor: Any,
+                 retention: Retention | None = None) -> None:
+        """Wire ``service`` to ``component``; acks go out on ``reactor``'s thread; ``retention`` stops with it."""
         self.component = component
         self.service = service
+        self.retention = retention
         self.reactor = reactor
         self.session: Any = None
         self.subscription: Any = None
@@ -99,6 +104,8 @@ class StorageAdapter:
         self.stopping = True
         if self.ticker.running:
             self.ticker.stop()
+        if self.retention is not None:
+            yield threads.deferToThread(self.retention.stop)
         if self.session is not None and self.subscription is not None:
             try:
                 yield self.subscription.unsubscribe()
@@ -133,6 +140,16 @@ def _open_and_load(settings: Settings, keys: KeySource, on_commit: Any) -> tuple
             delay = min(10.0, delay * 2)
 
 
+def start_retention(settings: Settings, store: Any, keys: KeySource) -> Retention | None:
+    """With ``storage.retention_days`` set, storage shard 0 runs retention for the whole store."""
+    s = settings.storage
+    if s.retention_days <= 0 or s.shard != 0:
+        return None
+    retention = Retention(store, keys, s.retention_days, record_name(s.shard, s.shards))
+    retention.start()
+    return retention
+
+
 def run(settings: Settings, authid: str = "storage") -> int:
     """``python -m components storage``: run until SIGTERM/SIGINT, then commit and exit 0."""
     try:
@@ -147,8 +164,12 @@ def run(settings: Settings, authid: str = "storage") -> int:
     except (ConfigError, IotError) as err:
         print(f"error: storage cannot start: {err}", file=sys.stderr)
         return 2
-    adapter = StorageAdapter(component, service, reactor)
+    adapter = StorageAdapter(component, service, reactor, start_retention(settings, store, keys))
     adapter.ticker.start(TICK_S, now=False)
+    shard = f"{settings.storage.shard}-of-{settings.storage.shards}"
+    serve(reactor, settings.monitoring.listen_host, settings.monitoring.storage_port,
+          lambda: storage_exposition(service, adapter.retention, shard),
+          Health("storage", lambda: adapter.session is not None and not adapter.stopping, store.max_ts, reactor))
     reactor.addSystemEventTrigger("before", "shutdown", adapter.shutdown)
     component.start(reactor)
     reactor.run()

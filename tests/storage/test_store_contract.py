@@ -346,3 +346,34 @@ def test_a_setting_keeps_its_first_value_and_named_records_are_read_by_name(any_
     newer = SealedState(rows[7].name, "k1", b"newer")
     any_store.commit([], [newer])
     assert any_store.get_states([rows[7].name]) == [newer]
+
+
+# -- retention ----------------------------------------------------------------------------------------------
+
+def test_delete_before_removes_only_batches_and_segments_that_ended_before_the_cutoff(any_store: BatchStore) -> None:
+    cutoff = 3 * B + 50.0
+    old = [rec(q * B + 10.0, q * B + 20.0, group=q % 3) for q in range(3)]
+    straddling = rec(3 * B + 40.0, cutoff + 1.0, group=1)  # ends after the cutoff: kept whole
+    at_cutoff = rec(3 * B + 45.0, cutoff, group=2)  # hi == cutoff is not "before" it
+    young = [rec(4 * B + 10.0 + g, 4 * B + 20.0, group=g) for g in (1, 2)]  # distinct lo: a known order
+    any_store.commit([*old, straddling, at_cutoff, *young], [SealedState("device/00", "k0", b"row")])
+    old_segment, young_segment = rec(B + 30.0, B + 40.0, group=5), rec(cutoff - 1.0, 5 * B, group=5)
+    assert any_store.swap([], [old_segment, young_segment])
+    audit = rec(0.0, 1.0)
+    any_store.append_audit(audit)
+    removed = any_store.delete_before(cutoff, 1000)
+    assert (removed.records, removed.readings, removed.bytes) == (4, 4, 4 * 64)
+    assert any_store.delete_before(cutoff, 1000).records == 0
+    assert uids(any_store.batches_by_ts(-INF, INF)) == uids([straddling, at_cutoff, *young])
+    assert uids(any_store.batches_by_ts(-INF, INF, SEGMENT)) == [young_segment.uid]
+    assert any_store.batches_by_ts(-INF, INF, SEGMENT)[0] == young_segment  # untouched, every field
+    assert uids(any_store.batches_by_ts(-INF, INF, AUDIT)) == [audit.uid]  # audit chunks are kept
+    assert [s.name for s in any_store.states("device/")] == ["device/00"]
+
+
+def test_delete_before_takes_at_most_limit_records_a_call_until_none_is_left(any_store: BatchStore) -> None:
+    records = [rec(float(i), i + 0.5, group=i % 4) for i in range(7)]
+    any_store.commit(records, [])
+    taken = [any_store.delete_before(100.0, 3).records for _ in range(4)]
+    assert taken == [3, 3, 1, 0]
+    assert any_store.batches_by_ts(-INF, INF) == []

@@ -805,3 +805,28 @@ def test_a_swap_whose_intent_another_swap_of_its_group_undid_fails_and_leaves_no
             theirs.uid]
     finally:
         other.close()
+
+
+def test_with_a_retention_the_table_has_ttl_on_and_batches_and_segments_expire_retention_after_their_hi(
+        dynamo_settings: StorageSettings, dynamodb_admin: Any) -> None:
+    store = DynamoBatchStore(replace(dynamo_settings, retention_days=2.0))
+    try:
+        assert store.expires_itself
+        batch, segment, audit = rec(100.0, 110.25), rec(200.0, 300.5), rec(0.0, 1.0)
+        store.commit([batch], [])
+        assert store.swap([], [segment])
+        store.append_audit(audit)
+        ttl = dynamodb_admin.describe_time_to_live(TableName=dynamo_settings.dynamodb_table)
+        assert ttl["TimeToLiveDescription"]["TimeToLiveStatus"] in ("ENABLED", "ENABLING")
+        assert ttl["TimeToLiveDescription"]["AttributeName"] == "exp"
+        items = dynamodb_admin.scan(TableName=dynamo_settings.dynamodb_table, ConsistentRead=True)["Items"]
+        expiry = {i["uid"]["S"]: i.get("exp", {}).get("N") for i in items if "uid" in i}
+        assert expiry == {batch.uid: str(math.ceil(110.25 + 2 * 86400)), segment.uid: str(math.ceil(300.5 + 2 * 86400)),
+                          audit.uid: None}
+    finally:
+        store.close()
+    plain = DynamoBatchStore(dynamo_settings)  # no retention: nothing expires
+    try:
+        assert not plain.expires_itself
+    finally:
+        plain.close()

@@ -39,7 +39,13 @@ def write_config(root: Path, port: int, overrides: Mapping[str, Mapping[str, Any
     cfg["storage"]["sqlite_path"] = str(root / "iot.sqlite3")
     cfg["keys"]["file"] = str(root / "secrets" / "keys.json")
     cfg["device"]["spool_dir"] = str(root / "spool")
+    cfg["monitoring"] = monitoring_ports()
     return _write(cfg, root, overrides)
+
+
+def monitoring_ports() -> dict[str, int]:
+    """Free loopback ports for storage's and query's metrics and health endpoints (a test stack's own)."""
+    return {"storage_port": free_port(), "query_port": free_port()}
 
 
 def _write(cfg: dict[str, Any], root: Path, overrides: Mapping[str, Any] | None) -> Path:
@@ -73,6 +79,7 @@ def derive_settings(base: Settings, root: Path, overrides: Mapping[str, Any] | N
     cfg["keys"]["salt_file"] = str(root / "key.salt")
     cfg["device"]["spool_dir"] = str(root / "spool")
     cfg["paths"]["run_dir"] = str(root / "run")
+    cfg["monitoring"] = monitoring_ports()
     return load_settings(_write(cfg, root, overrides), environ={})
 
 

@@ -267,8 +267,8 @@ def test_every_service_of_the_image_knows_that_the_http_bridge_is_signed(
             assert settings_of(service).router.http_bridge == "signed", f"{variant}/{name}"
 
 
-def test_the_health_checks_probe_the_router_port(resolved: dict[str, dict[str, Any]],
-                                                 rendered_router: dict[str, Any]) -> None:
+def test_storage_and_query_ask_their_health_endpoint_and_the_others_probe_the_router_port(
+        resolved: dict[str, dict[str, Any]], rendered_router: dict[str, Any]) -> None:
     port = rendered_router["workers"][0]["transports"][0]["endpoint"]["port"]
     for variant, model in resolved.items():
         for name, service in services(model).items():
@@ -278,13 +278,18 @@ def test_the_health_checks_probe_the_router_port(resolved: dict[str, dict[str, A
             test = " ".join(service["healthcheck"]["test"])
             if name == "router":
                 assert f"127.0.0.1:{port}/" in test, variant
+            elif name.startswith("storage") or name == "query":
+                role = "query" if name == "query" else "storage"
+                assert service["healthcheck"]["test"] == ["CMD", "python", "-m", "components", "health", role]
+                assert "/proc" not in test
+                assert settings_of(service).monitoring.port(role) > 0, f"{variant}/{name}: endpoint off"
             elif name in app_services(model):
                 assert f"':{port:04X}'" in test, f"{variant}/{name}: {test}"
 
 
 def test_the_session_health_check_passes_only_while_a_connection_to_the_router_port_is_open(
         resolved: dict[str, dict[str, Any]]) -> None:
-    code = services(resolved["dynamodb"])["query"]["healthcheck"]["test"][-1]
+    code = services(resolved["dynamodb"])["devices"]["healthcheck"]["test"][-1]
     with socket.socket() as server:
         server.bind(("127.0.0.1", 0))
         server.listen()

@@ -232,6 +232,22 @@ def _create_table(table: DynamoTable) -> None:
         log.info("DynamoDB table %s is being created by another process; waiting for it", table.name)
 
 
+def ensure_ttl(table: DynamoTable, attribute: str) -> None:
+    """Turn on the table's time to live on ``attribute`` (DynamoDB deletes an item once that time has passed)."""
+    found = table.call("DescribeTimeToLive", table.client.describe_time_to_live, TableName=table.name)
+    status = found.get("TimeToLiveDescription", {})
+    if status.get("TimeToLiveStatus") in ("ENABLED", "ENABLING"):
+        if status.get("AttributeName") != attribute:
+            raise StorageUnavailable(
+                f"DynamoDB table {table.name!r} at {table.where} has time to live on attribute "
+                f"{status.get('AttributeName')!r}, but storage.retention_days needs it on {attribute!r}: turn it "
+                "off (UpdateTimeToLive) and start storage again")
+        return
+    table.call("UpdateTimeToLive", table.client.update_time_to_live, TableName=table.name,
+               TimeToLiveSpecification={"Enabled": True, "AttributeName": attribute})
+    log.info("DynamoDB table %s: time to live turned on (attribute %s)", table.name, attribute)
+
+
 def _wait_active(table: DynamoTable) -> Any:
     deadline = time.monotonic() + TABLE_WAIT_S
     for attempt in itertools.count():  # ends: returns once active, raises at the deadline

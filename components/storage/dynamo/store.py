@@ -14,9 +14,9 @@ from components.storage.dynamo import reads, swaps
 from components.storage.dynamo import state as named
 from components.storage.dynamo.calls import CAS, connect
 from components.storage.dynamo.codec import MAX_BODY_BYTES, attr_s, check_record
-from components.storage.dynamo.layout import GSI_RECEIVED, KIND_CODE, Layout, ensure_table, load_layout
-from components.storage.dynamo.writes import RecordWriter, replace_record
-from components.storage.interface import BATCH, Groups, Kind, SealedBatch, SealedState
+from components.storage.dynamo.layout import GSI_RECEIVED, KIND_CODE, Layout, ensure_table, ensure_ttl, load_layout
+from components.storage.dynamo.writes import TTL_ATTRIBUTE, RecordWriter, replace_record
+from components.storage.interface import BATCH, SEGMENT, Groups, Kind, Removed, SealedBatch, SealedState
 
 if TYPE_CHECKING:
     from mypy_boto3_dynamodb.client import DynamoDBClient
@@ -36,10 +36,13 @@ class DynamoBatchStore:
             ensure_table(self._calls, settings.dynamodb_create_table)
             self._layout = load_layout(self._calls, settings.bucket_seconds)
             swaps.recover(self._calls, None)
+            if settings.retention_days > 0:
+                ensure_ttl(self._calls, TTL_ATTRIBUTE)
         except BaseException:
             self._calls.close()
             raise
-        self._writer = RecordWriter(self._calls, self._layout)
+        self._retention_s = settings.retention_days * 86400.0
+        self._writer = RecordWriter(self._calls, self._layout, expire_after_s=self._retention_s or None)
         self._named = named.StateWriter(self._calls)
         self._pool = reads.QueryPool()
         self._settings: dict[str, str] = {}
@@ -138,6 +141,24 @@ class DynamoBatchStore:
     def swap(self, old: Sequence[SealedBatch], new: Sequence[SealedBatch]) -> bool:
         """Replace records ``old`` by segments ``new`` with the protocol of :mod:`components.storage.dynamo.swaps`."""
         return swaps.swap(self._calls, self._layout, self._writer, old, new)
+
+    @property
+    def expires_itself(self) -> bool:
+        """True with a retention set: batches and segments carry the TTL attribute and DynamoDB deletes them."""
+        return self._retention_s > 0
+
+    def delete_before(self, before: float, limit: int) -> Removed:
+        """Delete up to ``limit`` batches and segments with hi below ``before`` (the newest of them first; for
+        records written before a retention was set, which carry no TTL attribute)."""
+        old: list[tuple[str, SealedBatch]] = []
+        for kind in (BATCH, SEGMENT):
+            code = KIND_CODE[kind]
+            for b in reads.by_hi_desc(self._calls, self._layout, code, before, None):
+                if len(old) >= limit:
+                    break
+                old.append((code, b))
+        self._calls.delete_all(self._layout.record_key(code, b) for code, b in old)
+        return Removed(len(old), sum(b.count for _, b in old), sum(len(b.body) for _, b in old))
 
     def records(self) -> Iterator[tuple[Kind | Literal["state"], SealedBatch | SealedState]]:
         """Every record, for re-sealing: the one Scan of this backend (consistent, paged)."""

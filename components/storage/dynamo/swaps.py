@@ -287,7 +287,7 @@ def swap(table: DynamoTable, layout: Layout, writer: RecordWriter, old: Sequence
     new_keys = [layout.record_key("c", s) for s in segments]
     _begin(table, swap_id, group, {b.group for b in (*old, *segments)}, new_keys, found)
     writer.register(e for s in segments for e in layout.directory_entries("c", s))
-    table.put_all({**record_item(layout, "c", s), "pend": attr_s(swap_id)} for s in segments)
+    table.put_all({**record_item(layout, "c", s, writer.expire_after_s), "pend": attr_s(swap_id)} for s in segments)
     intent = Intent(swap_id, PENDING, group, frozenset(), 0.0, 0.0, new_keys, len(_key_list(found)))
     if not _commit(table, swap_id, new_keys):
         _undo(table, intent)  # unless a recovery aborted it first (taking it for a dead one's): that one undoes it

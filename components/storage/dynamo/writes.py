@@ -18,10 +18,13 @@ from collections.abc import Callable, Iterable, Sequence
 from botocore.exceptions import ClientError
 
 from components.storage.dynamo.calls import CAS, DynamoTable
-from components.storage.dynamo.codec import Item, attr_s, check_record, digest, encode_float, record_attrs
+from components.storage.dynamo.codec import Item, attr_n, attr_s, check_record, digest, encode_float, record_attrs
 from components.storage.dynamo.layout import CODE_KIND, PENDING_LEASE_S, Layout
 from components.storage.interface import SealedBatch
 
+TTL_ATTRIBUTE = "exp"
+"""The table's TTL attribute: epoch seconds after which DynamoDB deletes the item (storage.retention_days)."""
+EXPIRING_CODES = frozenset({"b", "c"})
 KNOWN_ENTRIES_MAX = 200_000
 """Directory entries a process remembers as written; past this it forgets them (and writes them once more)."""
 
@@ -44,18 +47,24 @@ def replace_record(table: DynamoTable, layout: Layout, code: str, old: SealedBat
     return True
 
 
-def record_item(layout: Layout, code: str, b: SealedBatch) -> Item:
-    """The whole item of a record of kind ``code``: keys, arrival-index keys (batches, segments), attributes."""
-    return {**layout.record_key(code, b), **record_attrs(b), **layout.arrival_key(code, b)}
+def record_item(layout: Layout, code: str, b: SealedBatch, expire_after_s: float | None = None) -> Item:
+    """The whole item of a record of kind ``code``: keys, arrival-index keys (batches, segments), attributes, and
+    for batches and segments, when a retention is set, the TTL attribute (``hi`` plus the retention)."""
+    item = {**layout.record_key(code, b), **record_attrs(b), **layout.arrival_key(code, b)}
+    if expire_after_s and code in EXPIRING_CODES:
+        item[TTL_ATTRIBUTE] = attr_n(math.ceil(b.hi + expire_after_s))
+    return item
 
 
 class RecordWriter:
     """Stores records, remembering which directory and pending entries and ``max_hi`` this process has written
     (thread-safe)."""
 
-    def __init__(self, table: DynamoTable, layout: Layout, clock: Callable[[], float] = time.monotonic) -> None:
-        """Write records of ``layout`` to ``table``."""
+    def __init__(self, table: DynamoTable, layout: Layout, clock: Callable[[], float] = time.monotonic,
+                 expire_after_s: float | None = None) -> None:
+        """Write records of ``layout`` to ``table``; batches and segments expire ``expire_after_s`` after their hi."""
         self.table, self.layout = table, layout
+        self.expire_after_s = expire_after_s
         self._clock = clock
         self._lock = threading.Lock()
         self._known: set[tuple[str, str]] = set()  # directory entries this process knows are written
@@ -109,7 +118,7 @@ class RecordWriter:
                                                                              projection="#pk, #sk")}
         new = [b for uid, b in unique.items() if (keys[uid]["pk"]["S"], keys[uid]["sk"]["S"]) not in stored]
         # audit chunks stay out of the arrival-time index (a sparse GSI: they cost nothing there)
-        self.table.put_all(record_item(self.layout, code, b) for b in new)
+        self.table.put_all(record_item(self.layout, code, b, self.expire_after_s) for b in new)
         return sum(len(b.body) for b in new)
 
     def raise_max_hi(self, hi: float) -> None:
