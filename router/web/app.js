@@ -204,6 +204,11 @@
       }
       if (Number.isFinite(row.last_ts) && (d.lastSeen === null || row.last_ts > d.lastSeen)) d.lastSeen = row.last_ts;
     }
+    // the table's last values of every sensor type, also of those no chart shows live (one call, from device rows)
+    for (const r of await session.call('iot.get_latest')) {
+      if (r && ID_RE.test(String(r.device_id)) && ID_RE.test(String(r.sensor_type)) &&
+          isReading(r, r.device_id, r.sensor_type)) noteDevice(r.device_id, r.sensor_type, r);
+    }
   }
 
   function mostRecent(n) {
