@@ -18,7 +18,6 @@ is logged and left in place; the rest of its window is compacted without it.
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -27,7 +26,8 @@ from typing import Any
 from components.core import columns
 from components.core.batches import group_epoch, open_groups, open_segment, seal_segment, segment_groups
 from components.core.devices import DeviceIndex
-from components.core.errors import DecryptionFailed, IotError
+from components.core.errors import DecryptionFailed
+from components.core.passes import PassThread
 from components.core.sealing import KeyRing
 from components.storage.interface import BATCH, EVERY_GROUP, SEGMENT, BatchStore, SealedBatch
 
@@ -96,8 +96,9 @@ class Compactor:
         self._shard, self._shards = shard, shards
         self._clock = clock
         self._retention_s = retention_s
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._background = PassThread("storage-compactor", "compaction", self.run_once,
+                                      min(PASS_INTERVAL_S, max(1.0, compact_after_s)))
+        self._stop = self._background.stopping
         self._bad: dict[tuple[int, int], set[str]] = {}
         self.passes = 0
         self.oldest_due: float | None = None
@@ -107,24 +108,11 @@ class Compactor:
     # ---- the thread
     def start(self) -> None:
         """Run passes on a thread of its own until :meth:`stop`."""
-        self._thread = threading.Thread(target=self._run, name="storage-compactor", daemon=True)
-        self._thread.start()
+        self._background.start()
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stop after the window being compacted (a window cut short is simply done again next time)."""
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self.run_once()
-            except IotError as err:
-                log.warning("compaction pass stopped: %s; trying again in %.0fs", err, PASS_INTERVAL_S)
-            except Exception:
-                log.exception("compaction pass failed; trying again in %.0fs", PASS_INTERVAL_S)
-            self._stop.wait(min(PASS_INTERVAL_S, max(1.0, self._after_s)))
+        self._background.stop(timeout)
 
     # ---- one pass
     def lag(self) -> float:

@@ -14,13 +14,12 @@ of every reading it ever sent.
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
 from components.core.batches import open_state, seal_state
-from components.core.errors import IotError
+from components.core.passes import PassThread
 from components.core.sealing import KeyRing
 from components.storage.interface import BatchStore, Removed
 
@@ -55,8 +54,8 @@ class Retention:
         self._clock = clock
         self._chunk = chunk
         self._pause_s = pause_s
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._background = PassThread("storage-retention", "retention", self.run_once, PASS_INTERVAL_S)
+        self._stop = self._background.stopping
         self.total = Removed()
         self.longest_s = 0.0
         """The longest deleting call so far (how long the writer may have waited)."""
@@ -100,21 +99,8 @@ class Retention:
     def start(self) -> None:
         """Load the totals, then run a pass now and every :data:`PASS_INTERVAL_S` until :meth:`stop`."""
         self.load()
-        self._thread = threading.Thread(target=self._run, name="storage-retention", daemon=True)
-        self._thread.start()
+        self._background.start()
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stop after the transaction under way."""
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self.run_once()
-            except IotError as err:
-                log.warning("retention pass stopped: %s; trying again in %.0fs", err, PASS_INTERVAL_S)
-            except Exception:
-                log.exception("retention pass failed; trying again in %.0fs", PASS_INTERVAL_S)
-            self._stop.wait(PASS_INTERVAL_S)
+        self._background.stop(timeout)
