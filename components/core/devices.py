@@ -92,7 +92,7 @@ class DeviceRow:
 
     def packed(self) -> bytes:
         """The row as sealed, packed."""
-        return msgpack.packb([ROW_FORMAT, self.device_id, self.marks, self.types])
+        return msgpack.packb(self.value())
 
     @classmethod
     def of(cls, value: Sequence[Any]) -> DeviceRow:

@@ -161,9 +161,12 @@ class SqliteBatchStore:
                     conn.execute("INSERT OR IGNORE INTO span_classes VALUES (?, ?, ?)", entry)
                     classes.add(entry)
         last = conn.execute("SELECT max(id) FROM records").fetchone()[0] or 0
+        changes = conn.total_changes
         conn.executemany("INSERT OR IGNORE INTO records (kind, uid, bucket, lo, hi, lo_class, rec_lo, rec_hi, "
                          "rec_class, n, key_id, fmt, body, grp) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)", rows)
-        # ids only grow, so the records this call added are those above the last id before it
+        if conn.total_changes - changes == len(rows):  # the usual case: every record is new
+            return sum(len(b.body) for b in records)
+        # some uids were stored already; ids only grow, so what this call added lies above the last id before it
         written: int = conn.execute("SELECT coalesce(sum(length(body)), 0) FROM records WHERE id > ?",
                                     (last,)).fetchone()[0]
         return written
