@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 import threading
-from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -48,26 +47,32 @@ class DeviceIndex:
         self._key = index_key
         self.bits = bits
         self._base = 1 << bits
-        self._memo: dict[str, tuple[int, str]] = {}
+        # two dicts of atomic values, not one of tuples: the garbage collector does not walk them (see RowCache)
+        self._groups: dict[str, int] = {}
+        self._names: dict[str, str] = {}
 
     def tag(self, device_id: str) -> bytes:
         """The device's full tag."""
         return hmac.new(self._key, device_id.encode("utf-8"), hashlib.sha256).digest()
 
-    def _entry(self, device_id: str) -> tuple[int, str]:
-        """(group, row name), memoised for the devices seen most recently: both are asked per event."""
-        e = self._memo.get(device_id)
-        if e is None:
-            if len(self._memo) >= MEMO_SIZE:
-                self._memo.clear()
-            tag = self.tag(device_id)
-            prefix = int.from_bytes(tag[:4], "big") >> (32 - self.bits) if self.bits else 0
-            e = self._memo[device_id] = (self._base + prefix, DEVICE_PREFIX + tag[:16].hex())
-        return e
+    def _remember(self, device_id: str) -> None:
+        """Memoise the group and row name of a device (both are asked per event), for the devices seen most
+        recently."""
+        if len(self._groups) >= MEMO_SIZE:
+            self._groups.clear()
+            self._names.clear()
+        tag = self.tag(device_id)
+        prefix = int.from_bytes(tag[:4], "big") >> (32 - self.bits) if self.bits else 0
+        self._groups[device_id] = self._base + prefix
+        self._names[device_id] = DEVICE_PREFIX + tag[:16].hex()
 
     def group(self, device_id: str) -> int:
         """The device's group."""
-        return self._entry(device_id)[0]
+        g = self._groups.get(device_id)
+        if g is None:
+            self._remember(device_id)
+            g = self._groups[device_id]
+        return g
 
     def groups_of(self, device_id: str) -> tuple[int, int]:
         """The groups whose records may hold readings of ``device_id``: its own and :data:`EVERY_GROUP`."""
@@ -75,7 +80,11 @@ class DeviceIndex:
 
     def row_name(self, device_id: str) -> str:
         """Name of the device's row."""
-        return self._entry(device_id)[1]
+        name = self._names.get(device_id)
+        if name is None:
+            self._remember(device_id)
+            name = self._names[device_id]
+        return name
 
 
 @dataclass(slots=True)
@@ -146,7 +155,10 @@ class RowCache:
         """Keep ``size`` rows at most."""
         self._size = size
         self._load = load
-        self._rows: OrderedDict[str, bytes] = OrderedDict()
+        # A plain dict of str to bytes holds no object the garbage collector follows, so a full collection does
+        # not walk a fleet's worth of entries (an OrderedDict, or a dict of tuples, would be walked every time).
+        # It keeps insertion order: a row used again is moved to the end by taking it out and putting it back.
+        self._rows: dict[str, bytes] = {}
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
@@ -163,7 +175,7 @@ class RowCache:
                 if packed is None:
                     missing.append(d)
                 else:
-                    self._rows.move_to_end(d)
+                    self._rows[d] = self._rows.pop(d)
                     out[d] = DeviceRow.of(msgpack.unpackb(packed, strict_map_key=False))
         if missing:
             loaded = self._load(missing)
@@ -198,7 +210,7 @@ class RowCache:
         """Remember rows as committed, packed (:meth:`DeviceRow.packed`)."""
         with self._lock:
             for d, p in packed:
+                self._rows.pop(d, None)
                 self._rows[d] = p
-                self._rows.move_to_end(d)
             while len(self._rows) > self._size:
-                self._rows.popitem(last=False)
+                del self._rows[next(iter(self._rows))]

@@ -69,6 +69,19 @@ Mark = tuple[str, str | None]
 """What a seq sequence belongs to: (device_id, spool epoch or None)."""
 
 
+def _seq_key(mark: Mark) -> str:
+    """A mark as one string (ids never hold a space): storage keeps one next seq per device it has seen, and a
+    dict of strings to ints is one the garbage collector never walks, where a dict keyed by tuples is walked at
+    every full collection."""
+    device_id, epoch = mark
+    return device_id if epoch is None else f"{device_id} {epoch}"
+
+
+def _mark_of(key: str) -> Mark:
+    device_id, _, epoch = key.partition(" ")
+    return device_id, epoch or None
+
+
 def shard_of(device_id: str, shards: int) -> int:
     """The storage shard that stores ``device_id`` (stable across processes and restarts)."""
     # blake2b mixes short ids like "0".."50" evenly; crc32 puts runs of them on the same shard
@@ -164,7 +177,7 @@ class IngestService:
         self._open_bytes = 0
         self._open_since: float | None = None
         self._marks: dict[Mark, int] = {}
-        self._next_seq: dict[Mark, int] = {}
+        self._next_seq: dict[str, int] = {}  # by _seq_key
         self._reacks: set[Mark] = set()
         self._held: _Job | None = None
         self._reject_log: Counter[str] = Counter()
@@ -359,7 +372,8 @@ class IngestService:
         self._reject_example.setdefault(reason, source)
 
     def _sequence(self, mark: Mark, payload: object, cols: Columns, rejected: list[tuple[int, str]]) -> Columns:
-        start = self._next_seq.get(mark)
+        key = _seq_key(mark)
+        start = self._next_seq.get(key)
         committed = None
         if start is None:  # first sight since start (or since its entry was let go): the row says where it stands
             committed = self.rows.mark(*mark)
@@ -373,7 +387,7 @@ class IngestService:
                 committed = self.rows.mark(*mark)
             keep, expected = self._walk_seqs(mark, payload, cols, rejected, committed, start)
         if expected != start:
-            self._next_seq[mark] = expected
+            self._next_seq[key] = expected
             self._marks[mark] = expected - 1
             if self._open_since is None:
                 self._open_since = self._clock()
@@ -504,9 +518,10 @@ class IngestService:
     def _let_go(self) -> None:
         """Forget where devices stand whose readings are all committed (their row has it), so memory stays bounded."""
         pending = set(self._marks)
-        for mark, nxt in list(self._next_seq.items()):
+        for key, nxt in list(self._next_seq.items()):
+            mark = _mark_of(key)
             if mark not in pending and self.rows.cached_mark(*mark) == nxt - 1:
-                del self._next_seq[mark]
+                del self._next_seq[key]
 
     def stats(self) -> dict[str, Any]:
         """Counters as of now, with the queue depth."""
