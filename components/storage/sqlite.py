@@ -5,8 +5,14 @@ span (see :func:`components.storage.interface.span_class`); an index on (class, 
 "overlaps [start, end]" with one range seek per class present: lower bound in [start - 2**class, end]. A second
 index leads with the device group, so a one-device read seeks inside its group only.
 
+Named records (device rows, shard states) are appended to a log, ``state_log``, and folded into their clustered
+table, ``states``, once the log holds :data:`LOG_FOLD_ROWS` of them: in a fleet of many devices, rewriting each row
+in place would dirty one page of the table per device a commit names, where appending dirties a few, and a fold
+writes each page once for thousands of rows. A read takes the newest of the two (see :class:`_LogView`).
+
 New files use incremental auto-vacuum, so the pages that compaction frees are given back to the file system.
-Schema version 1 (before device groups) is upgraded in place: its records become group 0 (any device).
+Schema version 1 (before device groups) is upgraded in place: its records become group 0 (any device). Version
+2 (before the log) gains the empty log.
 """
 
 from __future__ import annotations
@@ -33,7 +39,13 @@ from components.storage.interface import (
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
+LOG_FOLD_ROWS = 16_384
+"""Most named records the log holds before a commit folds it into ``states`` (newest version of each name, in
+name order, in the commit's transaction)."""
+LOG_MIN_FOLD_ROWS = 256
+"""A log of at least this many rows, and of four times as many as ``states`` holds, is folded even below
+:data:`LOG_FOLD_ROWS`: a small fleet's rows fold cheaply, and their earlier versions would otherwise fill the file."""
 BUSY_TIMEOUT_MS = 10_000
 _COLS = "uid, bucket, lo, hi, rec_lo, rec_hi, n, key_id, body, fmt, grp"
 _IN_CHUNK = 500
@@ -62,6 +74,14 @@ CREATE INDEX IF NOT EXISTS records_by_hi ON records (kind, hi);
 CREATE TABLE IF NOT EXISTS span_classes (kind TEXT NOT NULL, axis TEXT NOT NULL, class INTEGER NOT NULL,
                                          PRIMARY KEY (kind, axis, class)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS states (name TEXT PRIMARY KEY, key_id TEXT NOT NULL, body BLOB NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS state_log (seq INTEGER PRIMARY KEY AUTOINCREMENT, name TEXT NOT NULL,
+                                      key_id TEXT NOT NULL, body BLOB NOT NULL);
+"""
+_FOLD = """
+INSERT OR REPLACE INTO states (name, key_id, body)
+    SELECT name, key_id, body FROM state_log WHERE seq IN (SELECT max(seq) FROM state_log GROUP BY name)
+    ORDER BY name;
+DELETE FROM state_log;
 """
 _CLUSTER_STATES = """
 CREATE TABLE states_clustered (name TEXT PRIMARY KEY, key_id TEXT NOT NULL, body BLOB NOT NULL) WITHOUT ROWID;
@@ -103,6 +123,8 @@ class SqliteBatchStore:
         self._connections: list[sqlite3.Connection] = []
         self._lock = threading.Lock()
         self._known_classes: set[tuple[str, str, int]] = set()
+        self._log = _LogView()
+        self._fold_at = min(LOG_FOLD_ROWS, LOG_MIN_FOLD_ROWS)  # until the first fold has counted the rows
         conn = self._conn()
         with conn:
             conn.executescript(_SCHEMA)
@@ -117,7 +139,7 @@ class SqliteBatchStore:
                 if "grp" not in columns:
                     conn.execute("ALTER TABLE records ADD COLUMN grp INTEGER NOT NULL DEFAULT 0")
                 conn.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(SCHEMA_VERSION),))
-                log.info("upgraded %s to schema version %d (device groups)", self.path, SCHEMA_VERSION)
+                log.info("upgraded %s from schema version %s to %d", self.path, row[0], SCHEMA_VERSION)
             conn.executescript(_GROUP_INDEXES)
         sql = conn.execute("SELECT sql FROM sqlite_master WHERE name = 'states'").fetchone()[0]
         if "WITHOUT ROWID" not in sql.upper():  # files of earlier versions: rows in name order, one b-tree
@@ -195,9 +217,13 @@ class SqliteBatchStore:
             classes: set[tuple[str, str, int]] = set()
             try:
                 written = self._insert(conn, BATCH, batches, classes)
-                conn.executemany("INSERT OR REPLACE INTO states VALUES (?, ?, ?)",
+                conn.executemany("INSERT INTO state_log (name, key_id, body) VALUES (?, ?, ?)",
                                  [(st.name, st.key_id, st.body) for st in states])
                 written += sum(len(st.body) for st in states)
+                first, last = conn.execute("SELECT (SELECT min(seq) FROM state_log), "
+                                           "(SELECT max(seq) FROM state_log)").fetchone()
+                if first is not None and last - first + 1 >= self._fold_at:
+                    self._fold(conn)
                 conn.execute("COMMIT")
                 self._known_classes |= classes
             except BaseException:
@@ -341,33 +367,78 @@ class SqliteBatchStore:
             raise StorageUnavailable(f"SQLite write to {self.path} failed: {err}") from err
         return Removed(len(rows), sum(r[1] for r in rows), sum(r[2] for r in rows))
 
-    def states(self, prefix: str) -> list[SealedState]:
-        """Named records whose name starts with ``prefix`` (a range of the primary key)."""
-        sql = "SELECT name, key_id, body FROM states"
-        params: tuple[str, ...] = ()
-        if prefix:
-            sql, params = sql + " WHERE name >= ? AND name < ?", (prefix, prefix[:-1] + chr(ord(prefix[-1]) + 1))
+    def _fold(self, conn: sqlite3.Connection) -> None:
+        """Fold the log into ``states``, inside the caller's write transaction."""
+        for statement in _FOLD.strip().split(";\n"):
+            conn.execute(statement)
+        rows = conn.execute("SELECT count(*) FROM states").fetchone()[0]
+        self._fold_at = min(LOG_FOLD_ROWS, max(LOG_MIN_FOLD_ROWS, 4 * rows))
+
+    def fold(self) -> None:
+        """Fold the log into ``states`` now (before re-sealing every record)."""
+        conn = self._conn()
         try:
-            rows = self._conn().execute(sql, params).fetchall()
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                self._fold(conn)
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+        except sqlite3.Error as err:
+            raise StorageUnavailable(f"SQLite write to {self.path} failed: {err}") from err
+
+    def _read_states(self, names: Sequence[str] | None, prefix: str) -> list[SealedState]:
+        """The newest version of named records, from the log or from ``states``: those of ``names``, or (names
+        None) those whose name starts with ``prefix``, in name order. One read transaction, so that the log and
+        the table are seen at the same instant."""
+        conn = self._conn()
+        try:
+            with self._log.lock:
+                conn.execute("BEGIN")
+                try:
+                    logged = self._log.refresh(conn)
+                    if names is None:
+                        sql = "SELECT name, key_id, body FROM states"
+                        params: tuple[str, ...] = ()
+                        if prefix:
+                            sql += " WHERE name >= ? AND name < ?"
+                            params = (prefix, prefix[:-1] + chr(ord(prefix[-1]) + 1))
+                        rows = {r[0]: r for r in conn.execute(sql, params)}
+                        seqs = [seq for name, seq in logged.items() if name.startswith(prefix)]
+                    else:
+                        wanted = list(dict.fromkeys(names))
+                        base = [n for n in wanted if n not in logged]
+                        rows = {}
+                        for i in range(0, len(base), _IN_CHUNK):
+                            chunk = base[i:i + _IN_CHUNK]
+                            rows.update((r[0], r) for r in conn.execute(
+                                f"SELECT name, key_id, body FROM states WHERE name IN ({','.join('?' * len(chunk))})",
+                                tuple(chunk)))
+                        seqs = [logged[n] for n in wanted if n in logged]
+                    for i in range(0, len(seqs), _IN_CHUNK):
+                        chunk = seqs[i:i + _IN_CHUNK]
+                        rows.update((r[0], r) for r in conn.execute(
+                            f"SELECT name, key_id, body FROM state_log WHERE seq IN ({','.join('?' * len(chunk))})",
+                            tuple(chunk)))
+                finally:
+                    conn.execute("COMMIT")
         except sqlite3.Error as err:
             raise StorageUnavailable(f"SQLite read of {self.path} failed: {err}") from err
-        return [SealedState(r[0], r[1], bytes(r[2])) for r in rows]
+        return [SealedState(r[0], r[1], bytes(r[2])) for _, r in sorted(rows.items())]
+
+    def states(self, prefix: str) -> list[SealedState]:
+        """Named records whose name starts with ``prefix`` (a range of the primary key, and the log)."""
+        return self._read_states(None, prefix)
 
     def get_states(self, names: Sequence[str]) -> list[SealedState]:
-        """The named records of ``names`` that exist (primary-key lookups)."""
-        out: list[SealedState] = []
-        try:
-            for i in range(0, len(names), _IN_CHUNK):
-                chunk = names[i:i + _IN_CHUNK]
-                rows = self._conn().execute(f"SELECT name, key_id, body FROM states WHERE name IN "
-                                            f"({','.join('?' * len(chunk))})", tuple(chunk)).fetchall()
-                out += [SealedState(r[0], r[1], bytes(r[2])) for r in rows]
-        except sqlite3.Error as err:
-            raise StorageUnavailable(f"SQLite read of {self.path} failed: {err}") from err
-        return out
+        """The named records of ``names`` that exist (primary-key lookups, and the log)."""
+        return self._read_states(names, "")
 
     def records(self) -> Iterator[tuple[Kind | Literal["state"], SealedBatch | SealedState]]:
-        """Every record, for re-sealing (paged by id, so it sees a consistent order while rows change)."""
+        """Every record, for re-sealing (paged by id, so it sees a consistent order while rows change). The log
+        is folded first, so that no earlier version of a named record stays sealed under a retired key."""
+        self.fold()
         last = 0
         while True:
             rows = self._conn().execute(f"SELECT id, kind, {_COLS} FROM records WHERE id > ? ORDER BY id LIMIT 256",
@@ -382,20 +453,33 @@ class SqliteBatchStore:
 
     def replace(self, kind: Kind | Literal["state"], old: SealedBatch | SealedState,
                 new: SealedBatch | SealedState) -> bool:
-        """Compare-and-swap the key and body of one record."""
+        """Compare-and-swap the key and body of one record (of a named record: of its newest version, and the
+        new one is logged like a commit's)."""
         conn = self._conn()
         try:
-            with conn:
-                if isinstance(old, SealedState):
-                    cur = conn.execute("UPDATE states SET key_id = ?, body = ? WHERE name = ? AND key_id = ? "
-                                       "AND body = ?", (new.key_id, new.body, old.name, old.key_id, old.body))
-                else:
+            if not isinstance(old, SealedState):
+                with conn:
                     cur = conn.execute("UPDATE records SET key_id = ?, body = ? WHERE kind = ? AND uid = ? "
                                        "AND key_id = ? AND body = ?",
                                        (new.key_id, new.body, kind, old.uid, old.key_id, old.body))
+                return cur.rowcount == 1
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                current = conn.execute("SELECT key_id, body FROM state_log WHERE name = ? ORDER BY seq DESC LIMIT 1",
+                                       (old.name,)).fetchone()
+                if current is None:
+                    current = conn.execute("SELECT key_id, body FROM states WHERE name = ?", (old.name,)).fetchone()
+                swapped = current is not None and (current[0], bytes(current[1])) == (old.key_id, old.body)
+                if swapped:
+                    conn.execute("INSERT INTO state_log (name, key_id, body) VALUES (?, ?, ?)",
+                                 (old.name, new.key_id, new.body))
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
         except sqlite3.Error as err:
             raise StorageUnavailable(f"SQLite write to {self.path} failed: {err}") from err
-        return cur.rowcount == 1
+        return swapped
 
     def close(self) -> None:
         """Close every connection this store opened."""
@@ -404,3 +488,33 @@ class SqliteBatchStore:
                 conn.close()
             self._connections.clear()
         self._local = threading.local()
+
+
+class _LogView:
+    """One process's view of the log: the seq of the newest logged version of each name in it.
+
+    ``refresh`` reads only what was appended since the last call (seqs only grow: the log is AUTOINCREMENT),
+    and forgets names that a fold has moved into ``states`` (below the log's first seq). Reads hold ``lock``
+    from the start of their transaction to its end, so the view always matches the snapshot they read.
+    """
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self._seqs: dict[str, int] = {}  # of strings to ints: never walked by the garbage collector
+        self._seen = 0  # every seq up to this one is in the view (or was folded)
+        self._first = 0  # the log's first seq at the last look: only a fold moves it, by emptying the log
+
+    def refresh(self, conn: sqlite3.Connection) -> dict[str, int]:
+        """Bring the view up to the snapshot of ``conn``'s open read transaction, and return it."""
+        first = conn.execute("SELECT min(seq) FROM state_log").fetchone()[0]
+        if first is None:
+            self._seqs.clear()
+            return self._seqs
+        if first != self._first:  # folded since the last look: what the view holds is in states now
+            self._seqs.clear()
+            self._first = first
+            self._seen = max(self._seen, first - 1)
+        for seq, name in conn.execute("SELECT seq, name FROM state_log WHERE seq > ?", (self._seen,)):
+            self._seqs[name] = seq
+            self._seen = seq
+        return self._seqs

@@ -89,6 +89,12 @@ def backup(store_path: str, target: str, progress: Progress | None = None, step_
     return int(copied)
 
 
+_NAMED = ("SELECT key_id, count(*), min(name), body FROM states GROUP BY key_id",
+          "SELECT name, key_id, body FROM states WHERE name >= 'device/' AND name < 'device0' LIMIT ?")
+_LOGGED = ("SELECT key_id, count(*), min(name), body FROM state_log GROUP BY key_id",
+           "SELECT name, key_id, body FROM state_log WHERE name >= 'device/' AND name < 'device0' LIMIT ?")
+
+
 def key_samples(path: str, rows: int = 3) -> KeySamples:
     """One record sealed with each key id in the store at ``path``, and up to ``rows`` device rows."""
     conn = _open(path, "backup")
@@ -101,13 +107,16 @@ def key_samples(path: str, rows: int = 3) -> KeySamples:
             records[key_id] = (r[0], SealedBatch(r[1], r[2], r[3], r[4], r[5], r[6], r[7], r[8], bytes(r[9]), r[10],
                                                  r[11]))
             counts[key_id] = n
-        for key_id, n, name in conn.execute("SELECT key_id, count(*), min(name) FROM states GROUP BY key_id"):
-            counts[key_id] = counts.get(key_id, 0) + n
-            if key_id not in records:
-                body = conn.execute("SELECT body FROM states WHERE name = ?", (name,)).fetchone()[0]
-                records[key_id] = ("state", SealedState(name, key_id, bytes(body)))
-        device_rows = [SealedState(r[0], r[1], bytes(r[2])) for r in conn.execute(
-            "SELECT name, key_id, body FROM states WHERE name >= 'device/' AND name < 'device0' LIMIT ?", (rows,))]
+        logged = conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'state_log'").fetchone() is not None
+        device_rows: list[SealedState] = []
+        # named records not folded yet are in the log (a copy of a version before it has none)
+        for by_key, first_rows in (_NAMED, _LOGGED) if logged else (_NAMED,):
+            for key_id, n, name, body in conn.execute(by_key):
+                counts[key_id] = counts.get(key_id, 0) + n
+                if key_id not in records:  # SQLite takes body from the row that gave min(name)
+                    records[key_id] = ("state", SealedState(name, key_id, bytes(body)))
+            device_rows += [SealedState(r[0], r[1], bytes(r[2]))
+                            for r in conn.execute(first_rows, (rows - len(device_rows),))]
     except sqlite3.Error as err:
         raise StorageUnavailable(f"cannot read the backup {path}: {err}") from err
     finally:

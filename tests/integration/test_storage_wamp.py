@@ -222,7 +222,8 @@ def test_rekey_while_the_stack_runs_leaves_everything_readable_under_the_new_key
     assert list(ring.keys) == [ring.active_id] and ring.active_id != old_key
     assert [r["value"] for r in got] == [float(i) for i in range(11)]
     db = sqlite3.connect(s.storage.sqlite_path)
-    key_ids = {r[0] for r in db.execute("SELECT key_id FROM records UNION SELECT key_id FROM states")}
+    key_ids = {r[0] for r in db.execute("SELECT key_id FROM records UNION SELECT key_id FROM states "
+                                        "UNION SELECT key_id FROM state_log")}
     assert key_ids == {ring.active_id}
 
 
