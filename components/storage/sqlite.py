@@ -417,10 +417,10 @@ class SqliteBatchStore:
                                 tuple(chunk)))
                         seqs = [logged[n] for n in wanted if n in logged]
                     for i in range(0, len(seqs), _IN_CHUNK):
-                        chunk = seqs[i:i + _IN_CHUNK]
+                        part = seqs[i:i + _IN_CHUNK]
                         rows.update((r[0], r) for r in conn.execute(
-                            f"SELECT name, key_id, body FROM state_log WHERE seq IN ({','.join('?' * len(chunk))})",
-                            tuple(chunk)))
+                            f"SELECT name, key_id, body FROM state_log WHERE seq IN ({','.join('?' * len(part))})",
+                            tuple(part)))
                 finally:
                     conn.execute("COMMIT")
         except sqlite3.Error as err:
