@@ -8,6 +8,7 @@ QueryService. Time is driven by a clock the benchmark advances, so a "second" of
   process, which a shared machine disturbs less than wall time; the wall-time ratio is printed beside it), the
   same traffic (1,000 readings a commit: 100 devices, 10 readings each, a different 100 each time) in a fleet
   of 100,000 devices that have all been seen ÷ in a fleet of 100. It is what the devices that did not send cost.
+  The measured commits span folds of SQLite's log of device rows (three, one with ``--quick``).
 - ``commit_spread_ratio`` (no target): the same 1,000 readings from 1,000 of the 100,000 devices, one each ÷
   from 100 devices: what each device in a commit costs (its event, its row, its group's batch).
 - ``query_cold_ratio``: one device's day (a reading a minute) from a new QueryService, in a compacted store of
