@@ -359,8 +359,14 @@ class QueryService:
                     heapq.heappush(top, (key, next(tiebreak), row))
                 elif key > top[0][0]:
                     heapq.heapreplace(top, (key, next(tiebreak), row))
-        rows = [row for _, _, row in sorted(top)]  # ties in arrival order
-        return self._answer(iter([rows]), Filters(f.device_id, f.sensor_type, None), progressive)
+        if not top:
+            return self._answer(iter(()), f, progressive)
+        # the rows from the smallest kept key on, in the order every fetch gives them (readings equal in every
+        # key keep their order however they are stored), less the surplus of that key at the front
+        least = top[0][0]
+        rows = [row for run in self._by_ts(least[0], INF, f) for row in run if ORDER(row) >= least]
+        return self._answer(iter([rows[max(0, len(rows) - want):]]), Filters(f.device_id, f.sensor_type, None),
+                            progressive)
 
     def _by_ts(self, start: float, end: float, f: Filters) -> Iterator[list[Row]]:
         return self._merge(self._records(self.store.batches_by_ts, start, end, f), start, end, f, -INF)
