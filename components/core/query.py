@@ -196,13 +196,13 @@ def _rows_of(groups: list[Group], f: Filters, lo: float, hi: float, rec_lo: floa
 def _as_reading(row: Row) -> Reading:
     """The reading of a row, as :func:`components.core.readings.reading_dict` makes it (inlined: once per row)."""
     ts, value, seq, data, rec, device_id, sensor_type = row
-    out: Reading = {"device_id": device_id, "sensor_type": sensor_type, "value": value, "ts": ts}
+    out: dict[str, Any] = {"device_id": device_id, "sensor_type": sensor_type, "value": value, "ts": ts}
     if seq is not None:
         out["seq"] = seq
     if data is not None:
         out["data"] = data
-    out["received_at"] = rec
-    return out
+    out["received_at"] = rec  # last, as reading_dict puts it
+    return cast(Reading, out)
 
 
 @dataclass

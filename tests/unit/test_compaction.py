@@ -17,8 +17,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from components.core.batches import SEGMENT_FORMAT
 from components.core import compactor as compactor_module
+from components.core.batches import SEGMENT_FORMAT
 from components.core.compactor import DAY_S, ROLLUPS, Compactor
 from components.core.query import QueryService
 from components.core.sealing import KeyFile, KeyRing
