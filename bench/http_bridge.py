@@ -1,22 +1,23 @@
 """HTTP bridge: 100 concurrent clients calling ``iot.fetch_between_window`` for one device through ``POST /call``.
 
-The store holds the classic data model (51 devices, humidity and temperature, 5,000 readings over
-2017-07-04 to 2018-07-04), filled through the real IngestService; a real router and query callee serve
-it. ``ab`` (Debian's apache2-utils, installed with apt-get when missing unless ``--no-install``; else a
-bounded Python client, bench/_httpclient.py) posts ``{"procedure": "iot.fetch_between_window", "args":
-[start, end], "kwargs": {"device_id": "1"}}`` with 100 requests in flight, a bounded number of times
-(and seconds) after a warm-up: once with a new connection per request, and (ab only) once with every
-client keeping its connection alive, as HTTP client libraries do. The router-only baseline in the same
-run: the same requests answered by a callee that returns the same answer without doing anything
-(bench/_echo_callee.py), in the order ceiling, stored, stored, ceiling (stored, ceiling in quick mode).
-All of it in each router layout in turn: the router worker holding the web transport (``router.proxy_workers``
-0), then 1 and 2 proxy workers holding it. Figures: requests per second, p50, p99, failures; CPU seconds
-per process over the run (router worker, proxy workers, node controller, callee, client) and per request, and
-each one's share of a core (``busy_*``); the query callee's peak RSS; how many records the query reads (those
-of device 1's group, which other devices may share: the index key is random per run); and the kernel's
-ListenDrops over each run (connections a listen queue had no room for: each costs the client a SYN
-retransmission, a second or more of latency). Then, over WAMP and one call at a time in the default layout,
-p50 and p99 of a 10-reading ``fetch_between_window`` next to an echo callee answering the same 10 readings.
+The store holds the classic data model (51 devices, humidity and temperature, 5,000 readings over 2017-07-04
+to 2018-07-04), filled through the real IngestService and compacted by the real Compactor, as the storage
+process compacts it once those windows have closed (hour segments, then rolled up); a real router and query
+callee serve it. ``ab`` (Debian's apache2-utils, installed with apt-get when missing unless ``--no-install``;
+else a bounded Python client, bench/_httpclient.py) posts ``{"procedure": "iot.fetch_between_window", "args":
+[start, end], "kwargs": {"device_id": "1"}}`` with 100 requests in flight, a bounded number of times (and
+seconds) after a warm-up: once with a new connection per request, and (ab only) once with every client keeping
+its connection alive, as HTTP client libraries do. The router-only baseline in the same run: the same requests
+answered by a callee that returns the same answer without doing anything (bench/_echo_callee.py), in the order
+ceiling, stored, stored, ceiling (stored, ceiling in quick mode). All of it in each router layout in turn: the
+router worker holding the web transport (``router.proxy_workers`` 0), then 1 and 2 proxy workers holding it.
+Figures: requests per second, p50, p99, failures; CPU seconds per process over the run (router worker, proxy
+workers, node controller, callee, client) and per request, and each one's share of a core (``busy_*``); the
+query callee's peak RSS; how many records the query reads (those of device 1's group, which other devices may
+share: the index key is random per run); and the kernel's ListenDrops over each run (connections a listen
+queue had no room for: each costs the client a SYN retransmission, a second or more of latency). Then, over
+WAMP and one call at a time in the default layout, p50 and p99 of a 10-reading ``fetch_between_window`` next
+to an echo callee answering the same 10 readings.
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ from bench.stack import (
     write_settings,
 )
 from bench.usage import MemorySampler, crossbar_processes, machine_busy_seconds, own_cpu_seconds
+from components.core.compactor import CompactionReport, Compactor
 from components.core.query import QueryService
 from components.core.sealing import KeyFile
 from components.core.settings import RouterSettings, Settings
@@ -226,6 +228,14 @@ def _expected_answer(settings: Settings, body: dict[str, Any]) -> list[dict[str,
         store.close()
 
 
+def _compact(store: SqliteBatchStore, settings: Settings) -> CompactionReport:
+    """Compact every closed window, as the storage process does (the classic year has long ended)."""
+    ring = KeyFile(settings.keys.file).load()
+    index = QueryService(settings.query, store, lambda: ring).index
+    return Compactor(store, lambda: ring, lambda: index, settings.storage.segment_seconds,
+                     settings.storage.compact_after_s, retention_s=settings.storage.retention_days * 86400.0).run_once()
+
+
 def _records_read(settings: Settings, device: str, start: float, end: float) -> int:
     """How many records (write batches and segments) a one-device query of [start, end] reads: those of the
     device's group. Which other devices share that group depends on the store's index key (random per run)."""
@@ -259,6 +269,7 @@ def run(opts: Options) -> list[dict[str, Any]]:
         store = SqliteBatchStore(base.storage.sqlite_path)
         try:
             report = fill(store, KeyFile(base.keys.file).load(), classic_events())
+            compacted = _compact(store, base)
         finally:
             store.close()
         request = {"procedure": uris.FETCH_BETWEEN_WINDOW, "args": [CLASSIC_START, CLASSIC_END],
@@ -270,7 +281,9 @@ def run(opts: Options) -> list[dict[str, Any]]:
         answer_path.write_text(json.dumps(answer), encoding="utf-8")
         client = Client(procs, root, "", body_path, find_ab(opts))
         note(f"http: {report.readings:,} classic readings stored; device {DEVICE} has {len(answer)} in the year; "
-             f"they are in {records} records of its group; client: {client.name}; "
+             f"they are in {records} records of its group (compaction: {compacted.records_in:,} write batches into "
+             f"{compacted.segments_out:,} segments, {compacted.rollups:,} rollups merging {compacted.rolled_in:,}); "
+             f"client: {client.name}; "
              f"router layouts (proxy workers): {', '.join(map(str, LAYOUTS))}")
         lines = []
         for workers in LAYOUTS:

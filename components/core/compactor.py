@@ -9,6 +9,14 @@ The swap is what a query sees: all of the old records or all of the new, never b
 transaction on SQLite, a protocol on DynamoDB). So the compactor may be killed at any instant; the next pass
 simply finds the window's batches again.
 
+Closed windows of a group whose readings are few are then merged once more (a *rollup*): the group's segments
+that lie inside one day, then one 30-day and one 360-day window of ``ts`` (:data:`ROLLUPS`, counted from the
+epoch) become one segment, when they hold at most :data:`ROLLUP_READINGS` readings together. A sparse device's
+year is then one or two records instead of hundreds, and a query's cost follows its answer again rather than
+the number of hours its readings are spread over. A rollup is due once its window has ended
+``storage.compact_after_s`` ago, and is tried for the windows that the hourly passes wrote into (remembered
+between passes until they close); it swaps like a compaction, so a query sees the old segments or the new.
+
 It runs on a thread of its own (never on the reactor), holds one window of one group in memory at a time,
 and each storage shard compacts the groups with ``group % shards == shard``. Records written before device
 groups (group 0) are compacted by shard 0 into segments of each device's group. A record that fails to open
@@ -35,6 +43,16 @@ log = logging.getLogger(__name__)
 
 PASS_INTERVAL_S = 10.0
 _SEAL_OVERHEAD = 64
+DAY_S = 86_400
+ROLLUPS = (DAY_S, 30 * DAY_S, 360 * DAY_S)
+"""Windows of ``ts`` (seconds; each a multiple of the one before) whose segments of one group are merged into one."""
+ROLLUP_READINGS = 10_000
+"""A rollup merges a window's segments only when they hold at most this many readings together: a one-device read
+of a narrower window then filters at most this many readings of the segment (its device's share, decoded once and
+kept in the callee's cache), a few milliseconds at worst, instead of opening one record per hour."""
+ROLLUP_RETENTION_SHARE = 10
+"""With retention on, only rollup windows of at most this share of the retention period are used: retention deletes
+a segment once its newest reading has expired, so a merged segment outlives its oldest reading by at most that."""
 
 
 @dataclass
@@ -46,6 +64,8 @@ class CompactionReport:
     segments_out: int = 0
     readings: int = 0
     left_in_place: list[str] = field(default_factory=list)
+    rollups: int = 0
+    rolled_in: int = 0
 
 
 @dataclass
@@ -85,9 +105,11 @@ class Compactor:
 
     def __init__(self, store: BatchStore, keys: Callable[[], KeyRing], index: Callable[[], DeviceIndex],
                  segment_seconds: int, compact_after_s: float, shard: int = 0, shards: int = 1,
-                 clock: Callable[[], float] = time.time, retention_s: float = 0.0) -> None:
+                 clock: Callable[[], float] = time.time, retention_s: float = 0.0,
+                 rollups: tuple[int, ...] = ROLLUPS) -> None:
         """Compact ``store``; ``index()`` gives the device groups (known once storage has started). Windows that
-        end more than ``retention_s`` ago (when positive) are left to retention, which deletes them."""
+        end more than ``retention_s`` ago (when positive) are left to retention, which deletes them. Closed
+        segments are merged in the windows of ``rollups`` (seconds, ascending; ``()``: none)."""
         self._store = store
         self._keys = keys
         self._index = index
@@ -96,6 +118,9 @@ class Compactor:
         self._shard, self._shards = shard, shards
         self._clock = clock
         self._retention_s = retention_s
+        self._rollups = tuple(r for r in rollups if retention_s <= 0 or r * ROLLUP_RETENTION_SHARE <= retention_s)
+        self._rollups_due: set[tuple[int, int, int]] = set()
+        """(rollup window seconds, window, group) written into by compaction and not yet rolled up."""
         self._background = PassThread("storage-compactor", "compaction", self.run_once,
                                       min(PASS_INTERVAL_S, max(1.0, compact_after_s)))
         self._stop = self._background.stopping
@@ -139,11 +164,62 @@ class Compactor:
             if self._stop.is_set() or not self.compact(window, group, report):
                 left.append(window)
         self.oldest_due = (min(left) + 1) * self._window_s if left else None
+        self._roll_up(closed_before, report)
         self.passes += 1
         if report.windows:
             log.info("compacted %d window(s): %d record(s) into %d segment(s), %d readings", report.windows,
                      report.records_in, report.segments_out, report.readings)
+        if report.rollups:
+            log.info("rolled up %d window(s): %d segment(s) merged", report.rollups, report.rolled_in)
         return report
+
+    def _roll_up(self, closed_before: float, report: CompactionReport) -> None:
+        """Roll up the due windows that have closed, smaller windows first (a 30-day window then merges days)."""
+        expired = self._clock() - self._retention_s if self._retention_s > 0 else None
+        for size in self._rollups:
+            for key in sorted(k for k in self._rollups_due if k[0] == size):
+                _, window, group = key
+                end = (window + 1) * size
+                if end > closed_before:
+                    continue  # still open: due when it has closed
+                if self._stop.is_set():
+                    return
+                self._rollups_due.discard(key)
+                if expired is None or end > expired:
+                    self.roll_up(size, window, group, report)
+
+    def roll_up(self, size: int, window: int, group: int, report: CompactionReport | None = None) -> bool:
+        """Merge the group's segments that lie inside window ``window`` of ``size`` seconds into one (parts that
+        fit the store's record size) when there are several and they hold at most ROLLUP_READINGS readings;
+        True if the store swapped them in."""
+        report = report if report is not None else CompactionReport()
+        start, end = window * size, (window + 1) * size
+        inside = [s for s in self._store.batches_by_ts(start, end, SEGMENT, (group,)) if start <= s.lo and s.hi < end]
+        if len(inside) < 2 or sum(s.count for s in inside) > ROLLUP_READINGS:
+            return False
+        ring = self._keys()
+        merged: dict[tuple[str, str], _Series] = {}
+        old: list[SealedBatch] = []
+        for s in inside:  # ordered by lo: readings equal in ts keep their order (they are one segment's)
+            try:
+                seg = segment_groups(s, open_segment(ring, s))
+            except DecryptionFailed as err:
+                log.error("rollup of group %d leaves a segment in place: %s", group, err)
+                continue
+            old.append(s)
+            for g in seg:
+                merged.setdefault((g[0], g[1]), _Series()).add(g[2], g[3], g[4], g[5], g[6], g[7])
+        if len(old) < 2:
+            return False
+        series = [merged[k].sealed_form(*k) for k in sorted(merged)]
+        first = int(min(s.lo for s in old) // self._window_s)
+        new = [seal_segment(ring, part, first, group) for part in self._fit(series)]
+        if not self._store.swap(old, new):
+            log.info("segments of group %d changed while they were rolled up; tried again when next written", group)
+            return False
+        report.rollups += 1
+        report.rolled_in += len(old)
+        return True
 
     def compact(self, window: int, group: int, report: CompactionReport | None = None) -> bool:
         """Rewrite one window of one group; True if the store swapped it in."""
@@ -178,8 +254,8 @@ class Compactor:
         if group != EVERY_GROUP:  # fold in the group's segments of those windows, so one segment each remains
             for s in self._store.batches_by_ts(min(windows) * self._window_s, (max(windows) + 1) * self._window_s,
                                                SEGMENT, (group,)):
-                if s.bucket not in windows:
-                    continue
+                if s.bucket not in windows or s.hi >= (s.bucket + 1) * self._window_s:
+                    continue  # another window's, or a rollup reaching past this window (left as it is)
                 try:
                     seg = segment_groups(s, open_segment(ring, s))
                 except DecryptionFailed as err:
@@ -198,6 +274,9 @@ class Compactor:
         if not self._store.swap(old, new):
             log.info("window %d of group %d changed while it was compacted; it is done again next pass", window, group)
             return False
+        for out_window, out_group in by_out:
+            at = out_window * self._window_s
+            self._rollups_due.update((size, int(at // size), out_group) for size in self._rollups)
         report.windows += 1
         report.records_in += len(old)
         report.segments_out += len(new)

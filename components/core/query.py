@@ -194,7 +194,15 @@ def _rows_of(groups: list[Group], f: Filters, lo: float, hi: float, rec_lo: floa
 
 
 def _as_reading(row: Row) -> Reading:
-    return cast(Reading, reading_dict(row[5], row[6], row[0], row[1], row[2], row[3], row[4]))
+    """The reading of a row, as :func:`components.core.readings.reading_dict` makes it (inlined: once per row)."""
+    ts, value, seq, data, rec, device_id, sensor_type = row
+    out: dict[str, Any] = {"device_id": device_id, "sensor_type": sensor_type, "value": value, "ts": ts}
+    if seq is not None:
+        out["seq"] = seq
+    if data is not None:
+        out["data"] = data
+    out["received_at"] = rec  # last, as reading_dict puts it
+    return cast(Reading, out)
 
 
 @dataclass
@@ -359,8 +367,14 @@ class QueryService:
                     heapq.heappush(top, (key, next(tiebreak), row))
                 elif key > top[0][0]:
                     heapq.heapreplace(top, (key, next(tiebreak), row))
-        rows = [row for _, _, row in sorted(top)]  # ties in arrival order
-        return self._answer(iter([rows]), Filters(f.device_id, f.sensor_type, None), progressive)
+        if not top:
+            return self._answer(iter(()), f, progressive)
+        # the rows from the smallest kept key on, in the order every fetch gives them (readings equal in every
+        # key keep their order however they are stored), less the surplus of that key at the front
+        least = top[0][0]
+        rows = [row for run in self._by_ts(least[0], INF, f) for row in run if ORDER(row) >= least]
+        return self._answer(iter([rows[max(0, len(rows) - want):]]), Filters(f.device_id, f.sensor_type, None),
+                            progressive)
 
     def _by_ts(self, start: float, end: float, f: Filters) -> Iterator[list[Row]]:
         return self._merge(self._records(self.store.batches_by_ts, start, end, f), start, end, f, -INF)

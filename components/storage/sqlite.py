@@ -96,6 +96,12 @@ CREATE INDEX IF NOT EXISTS records_by_group_hi ON records (kind, grp, hi);
 """
 
 
+_SPAN = "CASE WHEN c.class < 63 THEN 1 << c.class ELSE 1e999 END"
+"""The longest span of a record of class ``c.class`` in SQL (2**class; infinite past 64-bit integers)."""
+_OVERLAPPING: dict[tuple[str, int], str] = {}
+"""The overlap statement per axis and number of groups (built once)."""
+
+
 def _groups_sql(groups: Groups) -> tuple[str, list[int]]:
     """A ``grp IN (...)`` condition for ``groups`` (empty for every group)."""
     if groups is None:
@@ -163,11 +169,6 @@ class SqliteBatchStore:
             with self._lock:
                 self._connections.append(conn)
         return conn
-
-    def _span_classes(self, kind: str, axis: str) -> set[int]:
-        rows = self._conn().execute("SELECT class FROM span_classes WHERE kind = ? AND axis = ?",
-                                    (kind, axis)).fetchall()
-        return {r[0] for r in rows}
 
     def _insert(self, conn: sqlite3.Connection, kind: str, records: Sequence[SealedBatch],
                 classes: set[tuple[str, str, int]]) -> int:
@@ -247,24 +248,22 @@ class SqliteBatchStore:
 
     def _overlapping(self, kind: str, axis: str, start: float, end: float, groups: Groups
                      ) -> list[SealedBatch]:
-        lo_col, hi_col, class_col = ("lo", "hi", "lo_class") if axis == "ts" else ("rec_lo", "rec_hi", "rec_class")
-        classes = sorted(self._span_classes(kind, axis))
-        if not classes or (groups is not None and not groups):
+        """One statement (one snapshot): for each span class present, one range seek (per group when limited to
+        groups, ``grp`` leading the index) of lower bounds in [start - 2**class, end]."""
+        if groups is not None and not groups:
             return []
-        parts: list[str] = []
-        params: list[Any] = []
-        for c in classes:  # one range seek per class, and per group when limited to groups (grp = ? leads the index)
-            where = (f"kind = ? AND {class_col} = ? AND {lo_col} BETWEEN ? AND ? AND {hi_col} >= ?")
-            if groups is None:
-                parts.append(f"SELECT {_COLS} FROM records WHERE {where}")
-                params += [kind, c, start - 2.0**c, end, start]
-                continue
-            for g in sorted(set(groups)):
-                parts.append(f"SELECT {_COLS} FROM records WHERE grp = ? AND {where}")
-                params += [g, kind, c, start - 2.0**c, end, start]
-        sql = " UNION ALL ".join(parts) + " ORDER BY lo"
+        ids = () if groups is None else tuple(sorted(set(groups)))
+        sql = _OVERLAPPING.get((axis, len(ids)))
+        if sql is None:
+            lo_col, hi_col, class_col = ("lo", "hi", "lo_class") if axis == "ts" else ("rec_lo", "rec_hi", "rec_class")
+            in_groups = f" AND r.grp IN ({','.join('?' * len(ids))})" if ids else ""
+            sql = (f"SELECT {', '.join('r.' + c for c in _COLS.split(', '))} FROM span_classes AS c CROSS JOIN "
+                   f"records AS r WHERE c.kind = ? AND c.axis = '{axis}' AND r.kind = c.kind{in_groups} AND "
+                   f"r.{class_col} = c.class AND r.{lo_col} BETWEEN ? - {_SPAN} AND ? AND r.{hi_col} >= ? "
+                   "ORDER BY r.lo")
+            _OVERLAPPING[axis, len(ids)] = sql
         try:
-            return list(map(_row, self._conn().execute(sql, params)))
+            return list(map(_row, self._conn().execute(sql, (kind, *ids, start, end, start))))
         except sqlite3.Error as err:
             raise StorageUnavailable(f"SQLite read of {self.path} failed: {err}") from err
 

@@ -17,8 +17,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from components.core import compactor as compactor_module
 from components.core.batches import SEGMENT_FORMAT
-from components.core.compactor import Compactor
+from components.core.compactor import DAY_S, ROLLUPS, Compactor
 from components.core.query import QueryService
 from components.core.sealing import KeyFile, KeyRing
 from components.storage.interface import BATCH, EVERY_GROUP, SEGMENT, BatchStore
@@ -87,20 +88,108 @@ def test_a_compacted_store_answers_exactly_as_the_same_readings_uncompacted(even
     assert answers(query(compacted, ring), wins) == answers(query(plain, ring), wins)
 
 
+late_st = st.lists(st.tuples(st.sampled_from(DEVICES), st.sampled_from([H, T]),
+                             st.lists(reading_st, min_size=1, max_size=3), st.floats(0, 4 * WINDOW)), max_size=10)
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(events=st.lists(event_st, min_size=1, max_size=30), late=late_st,
+       windows=st.lists(window_st, min_size=1, max_size=4), bits=st.sampled_from([0, 1, 8]))
+def test_a_rolled_up_store_answers_exactly_as_uncompacted_also_after_late_readings_are_folded_in(
+        events, late, windows, bits) -> None:
+    ring = new_ring()
+    storage = replace(STORAGE, device_tag_bits=bits)
+    evs = [(topic(d, s), readings, rec + i / 1024) for i, (d, s, readings, rec) in enumerate(events + late)]
+    early, later = evs[:len(events)], evs[len(events):]
+    plain, compacted = MemoryBatchStore(), MemoryBatchStore()
+    fill(plain, ring, evs, max_readings=5)
+    ingested = ingest(compacted, ring, storage, replace(BATCHING, max_readings=5)).events(early).flush()
+    comp = compactor(compacted, ring, ingested.service)
+    comp.run_once()  # every window compacted, then each group's segments of the day merged (the clock is far on)
+    groups = {s.group for s in compacted.batches_by_ts(-INF, INF, SEGMENT)}
+    assert len(compacted.batches_by_ts(-INF, INF, SEGMENT)) == len(groups)
+    ingest(compacted, ring, storage, replace(BATCHING, max_readings=5)).events(later).flush()
+    comp.run_once()
+    assert compacted.batches_by_ts(-INF, INF) == []
+    wins = [(a, a + b, d, s) for a, b, d, s in windows]
+    assert answers(query(compacted, ring), wins) == answers(query(plain, ring), wins)
+
+
+def sparse_year(devices: list[str], days: int = 365) -> list[tuple[str, Any, float]]:
+    """One reading a day per device (each in an hour of its own), for ``days`` days from day 1."""
+    return [(topic(d, H), {"value": float(i), "ts": (1 + day) * DAY_S + (i * 7 % 24) * 3600.0 + 60.0}, 1e9 + day)
+            for day in range(days) for i, d in enumerate(devices)]
+
+
+def test_a_sparse_devices_year_is_rolled_up_into_a_few_segments_and_answers_the_same(tmp_path) -> None:
+    ring = new_ring()
+    store, plain = SqliteBatchStore(tmp_path / "s.sqlite3"), MemoryBatchStore()
+    evs = sparse_year(["1", "2", "3"])
+    fill(plain, ring, evs)
+    service = fill(store, ring, evs).service
+    report = compactor(store, ring, service, segment_seconds=3600).run_once()
+    groups = {service.index.group(d) for d in ("1", "2", "3")}
+    assert report.windows == 365 * len(groups) and report.rollups > 0 and not report.left_in_place
+    segments = store.batches_by_ts(-INF, INF, SEGMENT)
+    # the year lies in two 360-day windows, so each group keeps two segments (at most three: one window's
+    # readings may stay in its days when its 30-day windows straddle it; never one per day)
+    for g in groups:
+        mine = [s for s in segments if s.group == g]
+        assert 2 <= len(mine) <= 3, [(s.lo, s.hi) for s in mine]
+        assert all(int(s.lo // ROLLUPS[-1]) == int(s.hi // ROLLUPS[-1]) for s in mine)
+    assert sum(s.count for s in segments) == 3 * 365
+    q, ref = query(store, ring), query(plain, ring)
+    for start, end in ((0, 400 * DAY_S), (10 * DAY_S, 10 * DAY_S + 7200), (359 * DAY_S, 362 * DAY_S)):
+        assert q.fetch_between_window(start, end, device_id="2") == ref.fetch_between_window(start, end, device_id="2")
+        assert q.fetch_between_window(start, end) == ref.fetch_between_window(start, end)
+    assert compactor(store, ring, service, segment_seconds=3600).run_once().rollups == 0  # nothing left to do
+
+
+def test_a_rollup_waits_for_its_window_to_close_and_leaves_windows_of_more_than_its_readings(
+        tmp_path, monkeypatch) -> None:
+    ring, store = new_ring(), SqliteBatchStore(tmp_path / "s.sqlite3")
+    service = fill(store, ring, sparse_year(["1"], days=3)).service
+    now = [2 * DAY_S + 12 * 3600.0]  # day 1 has ended, day 2 is half over, day 3 to come
+    comp = Compactor(store, lambda: ring, lambda: service.index, 3600, 0.0, clock=lambda: now[0], rollups=(DAY_S,))
+    report = comp.run_once()
+    assert report.windows == 2 and report.rollups == 0  # one reading per day: a day of one segment needs nothing
+    fill(store, ring, [(topic("1", H), {"value": 5.0, "ts": 2 * DAY_S + 5 * 3600.0}, 2e9),
+                       (topic("1", H), {"value": 6.0, "ts": 1 * DAY_S + 7 * 3600.0 + 5}, 2e9)])
+    report = comp.run_once()
+    assert report.windows == 2 and report.rollups == 1  # day 1 (closed) is merged; day 2 waits until it ends
+    days = sorted(int(s.lo // DAY_S) for s in store.batches_by_ts(-INF, INF, SEGMENT))
+    assert days == [1, 2, 2]
+    now[0] = 4 * DAY_S
+    assert comp.run_once().rollups == 1  # remembered since the pass that wrote into it
+    assert sorted(int(s.lo // DAY_S) for s in store.batches_by_ts(-INF, INF, SEGMENT)) == [1, 2, 3]
+    monkeypatch.setattr(compactor_module, "ROLLUP_READINGS", 1)
+    fill(store, ring, [(topic("1", H), {"value": 7.0, "ts": 3 * DAY_S + 13 * 3600.0}, 3e9)])
+    assert comp.run_once().rollups == 0  # two readings are more than the limit: day 3 stays in two hours
+    assert len(store.batches_by_ts(3 * DAY_S, 4 * DAY_S - 1, SEGMENT)) == 2
+
+
+def test_with_retention_only_windows_of_at_most_a_tenth_of_it_are_rolled_up() -> None:
+    store, ring = MemoryBatchStore(), new_ring()
+    index: Any = None
+    assert Compactor(store, lambda: ring, lambda: index, 3600, 0.0, retention_s=0.0)._rollups == ROLLUPS
+    assert Compactor(store, lambda: ring, lambda: index, 3600, 0.0, retention_s=365 * DAY_S)._rollups == ROLLUPS[:2]
+    assert Compactor(store, lambda: ring, lambda: index, 3600, 0.0, retention_s=7 * DAY_S)._rollups == ()
+
+
 def test_compaction_leaves_one_sealed_segment_per_window_and_group_and_a_second_pass_folds_late_batches() -> None:
     ring, store = new_ring(), MemoryBatchStore()
     evs = [(topic(d, H), [{"value": i, "ts": 10.0 * i} for i in range(100)], 5000.0) for d in DEVICES]
     service = fill(store, ring, evs, max_readings=20).service
     groups = {service.index.group(d) for d in DEVICES}
     assert {b.group for b in store.batches_by_ts(-INF, INF)} == groups  # one open batch per group, not per fleet
-    report = compactor(store, ring, service).run_once()
+    report = compactor(store, ring, service, rollups=()).run_once()
     segments = store.batches_by_ts(-INF, INF, SEGMENT)
     assert report.windows == len(groups) and not report.left_in_place  # batches reach into window 1
     assert sorted((s.bucket, s.group) for s in segments) == sorted({(w, g) for w in (0, 1) for g in groups})
     assert all(s.fmt == SEGMENT_FORMAT for s in segments) and sum(s.count for s in segments) == 500
     late = [(topic("1", H), {"value": 9.5, "ts": 15.0}, 6000.0)]
     fill(store, ring, late)
-    assert compactor(store, ring, service).run_once().windows == 1
+    assert compactor(store, ring, service, rollups=()).run_once().windows == 1
     assert len(store.batches_by_ts(-INF, INF, SEGMENT)) == len(segments)  # folded into the window's segment
     assert store.batches_by_ts(-INF, INF) == []
     assert query(store, ring).fetch_between_window(14, 16, device_id="1") == [
