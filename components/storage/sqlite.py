@@ -21,6 +21,7 @@ import logging
 import sqlite3
 import threading
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
 
@@ -210,41 +211,50 @@ class SqliteBatchStore:
             raise StorageUnavailable(f"SQLite write to {self.path} failed: {err}") from err
         return str(row[0])
 
-    def commit(self, batches: Sequence[SealedBatch], states: Sequence[SealedState]) -> int:
-        """Store batches and named records in one transaction."""
+    @contextmanager
+    def _writing(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction (``BEGIN IMMEDIATE``) on this thread's connection: committed when the block
+        ends, rolled back when it raises; a SQLite error becomes StorageUnavailable."""
         conn = self._conn()
         try:
             conn.execute("BEGIN IMMEDIATE")
-            classes: set[tuple[str, str, int]] = set()
             try:
-                written = self._insert(conn, BATCH, batches, classes)
-                conn.executemany("INSERT INTO state_log (name, key_id, body) VALUES (?, ?, ?)",
-                                 [(st.name, st.key_id, st.body) for st in states])
-                written += sum(len(st.body) for st in states)
-                first, last = conn.execute("SELECT (SELECT min(seq) FROM state_log), "
-                                           "(SELECT max(seq) FROM state_log)").fetchone()
-                if first is not None and last - first + 1 >= self._fold_at:
-                    self._fold(conn)
+                yield conn
                 conn.execute("COMMIT")
-                self._known_classes |= classes
             except BaseException:
                 conn.execute("ROLLBACK")
                 raise
         except sqlite3.Error as err:
             raise StorageUnavailable(f"SQLite write to {self.path} failed: {err}") from err
+
+    def _vacuum(self) -> None:
+        """Give freed pages back to the file system (stepped to the end: ``execute`` would free one page)."""
+        try:
+            self._conn().executescript("PRAGMA incremental_vacuum;")
+        except sqlite3.Error as err:
+            raise StorageUnavailable(f"SQLite write to {self.path} failed: {err}") from err
+
+    def commit(self, batches: Sequence[SealedBatch], states: Sequence[SealedState]) -> int:
+        """Store batches and named records in one transaction."""
+        classes: set[tuple[str, str, int]] = set()
+        with self._writing() as conn:
+            written = self._insert(conn, BATCH, batches, classes)
+            conn.executemany("INSERT INTO state_log (name, key_id, body) VALUES (?, ?, ?)",
+                             [(st.name, st.key_id, st.body) for st in states])
+            written += sum(len(st.body) for st in states)
+            first, last = conn.execute("SELECT (SELECT min(seq) FROM state_log), "
+                                       "(SELECT max(seq) FROM state_log)").fetchone()
+            if first is not None and last - first + 1 >= self._fold_at:
+                self._fold(conn)
+        self._known_classes |= classes
         return written
 
     def append_audit(self, chunk: SealedBatch) -> None:
         """Store a sealed chunk of audit entries."""
-        conn = self._conn()
-        try:
-            classes: set[tuple[str, str, int]] = set()
-            with conn:
-                conn.execute("BEGIN IMMEDIATE")
-                self._insert(conn, AUDIT, [chunk], classes)
-            self._known_classes |= classes
-        except sqlite3.Error as err:
-            raise StorageUnavailable(f"SQLite write to {self.path} failed: {err}") from err
+        classes: set[tuple[str, str, int]] = set()
+        with self._writing() as conn:
+            self._insert(conn, AUDIT, [chunk], classes)
+        self._known_classes |= classes
 
     def _overlapping(self, kind: str, axis: str, start: float, end: float, groups: Groups
                      ) -> list[SealedBatch]:
@@ -318,52 +328,36 @@ class SqliteBatchStore:
 
     def swap(self, old: Sequence[SealedBatch], new: Sequence[SealedBatch]) -> bool:
         """Delete ``old`` and insert segments ``new`` in one transaction, then give freed pages back."""
-        conn = self._conn()
+        classes: set[tuple[str, str, int]] = set()
         try:
-            conn.execute("BEGIN IMMEDIATE")
-            try:
+            with self._writing() as conn:
                 for b in old:
                     cur = conn.execute("DELETE FROM records WHERE uid = ? AND key_id = ? AND kind IN (?, ?)",
                                        (b.uid, b.key_id, BATCH, SEGMENT))
                     if cur.rowcount != 1:
-                        conn.execute("ROLLBACK")
-                        return False
-                classes: set[tuple[str, str, int]] = set()
+                        raise _Gone
                 self._insert(conn, SEGMENT, new, classes)
-                conn.execute("COMMIT")
-                self._known_classes |= classes
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-            conn.executescript("PRAGMA incremental_vacuum;")  # stepped to the end (execute frees one page)
-        except sqlite3.Error as err:
-            raise StorageUnavailable(f"SQLite write to {self.path} failed: {err}") from err
+        except _Gone:  # rolled back: one of the old records was swapped or deleted meanwhile
+            return False
+        self._known_classes |= classes
+        self._vacuum()
         return True
 
     def delete_before(self, before: float, limit: int) -> Removed:
         """Delete up to ``limit`` batches and segments with hi below ``before`` (oldest first, ranges of the hi
         index) in one transaction, then give the freed pages back."""
-        conn = self._conn()
-        try:
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                rows: list[tuple[int, int, int]] = []
-                for kind in (BATCH, SEGMENT):
-                    rows += conn.execute("SELECT id, n, length(body) FROM records WHERE kind = ? AND hi < ? "
-                                         "ORDER BY hi LIMIT ?", (kind, before, limit - len(rows))).fetchall()
-                    if len(rows) >= limit:
-                        break
-                for i in range(0, len(rows), _IN_CHUNK):
-                    ids = [r[0] for r in rows[i:i + _IN_CHUNK]]
-                    conn.execute(f"DELETE FROM records WHERE id IN ({','.join('?' * len(ids))})", ids)
-                conn.execute("COMMIT")
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-            if rows:
-                conn.executescript("PRAGMA incremental_vacuum;")
-        except sqlite3.Error as err:
-            raise StorageUnavailable(f"SQLite write to {self.path} failed: {err}") from err
+        rows: list[tuple[int, int, int]] = []
+        with self._writing() as conn:
+            for kind in (BATCH, SEGMENT):
+                rows += conn.execute("SELECT id, n, length(body) FROM records WHERE kind = ? AND hi < ? "
+                                     "ORDER BY hi LIMIT ?", (kind, before, limit - len(rows))).fetchall()
+                if len(rows) >= limit:
+                    break
+            for i in range(0, len(rows), _IN_CHUNK):
+                ids = [r[0] for r in rows[i:i + _IN_CHUNK]]
+                conn.execute(f"DELETE FROM records WHERE id IN ({','.join('?' * len(ids))})", ids)
+        if rows:
+            self._vacuum()
         return Removed(len(rows), sum(r[1] for r in rows), sum(r[2] for r in rows))
 
     def _fold(self, conn: sqlite3.Connection) -> None:
@@ -375,17 +369,8 @@ class SqliteBatchStore:
 
     def fold(self) -> None:
         """Fold the log into ``states`` now (before re-sealing every record)."""
-        conn = self._conn()
-        try:
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                self._fold(conn)
-                conn.execute("COMMIT")
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-        except sqlite3.Error as err:
-            raise StorageUnavailable(f"SQLite write to {self.path} failed: {err}") from err
+        with self._writing() as conn:
+            self._fold(conn)
 
     def _read_states(self, names: Sequence[str] | None, prefix: str) -> list[SealedState]:
         """The newest version of named records, from the log or from ``states``: those of ``names``, or (names
@@ -454,30 +439,20 @@ class SqliteBatchStore:
                 new: SealedBatch | SealedState) -> bool:
         """Compare-and-swap the key and body of one record (of a named record: of its newest version, and the
         new one is logged like a commit's)."""
-        conn = self._conn()
-        try:
+        with self._writing() as conn:
             if not isinstance(old, SealedState):
-                with conn:
-                    cur = conn.execute("UPDATE records SET key_id = ?, body = ? WHERE kind = ? AND uid = ? "
-                                       "AND key_id = ? AND body = ?",
-                                       (new.key_id, new.body, kind, old.uid, old.key_id, old.body))
+                cur = conn.execute("UPDATE records SET key_id = ?, body = ? WHERE kind = ? AND uid = ? "
+                                   "AND key_id = ? AND body = ?",
+                                   (new.key_id, new.body, kind, old.uid, old.key_id, old.body))
                 return cur.rowcount == 1
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                current = conn.execute("SELECT key_id, body FROM state_log WHERE name = ? ORDER BY seq DESC LIMIT 1",
-                                       (old.name,)).fetchone()
-                if current is None:
-                    current = conn.execute("SELECT key_id, body FROM states WHERE name = ?", (old.name,)).fetchone()
-                swapped = current is not None and (current[0], bytes(current[1])) == (old.key_id, old.body)
-                if swapped:
-                    conn.execute("INSERT INTO state_log (name, key_id, body) VALUES (?, ?, ?)",
-                                 (old.name, new.key_id, new.body))
-                conn.execute("COMMIT")
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-        except sqlite3.Error as err:
-            raise StorageUnavailable(f"SQLite write to {self.path} failed: {err}") from err
+            current = conn.execute("SELECT key_id, body FROM state_log WHERE name = ? ORDER BY seq DESC LIMIT 1",
+                                   (old.name,)).fetchone()
+            if current is None:
+                current = conn.execute("SELECT key_id, body FROM states WHERE name = ?", (old.name,)).fetchone()
+            swapped = current is not None and (current[0], bytes(current[1])) == (old.key_id, old.body)
+            if swapped:
+                conn.execute("INSERT INTO state_log (name, key_id, body) VALUES (?, ?, ?)",
+                             (old.name, new.key_id, new.body))
         return swapped
 
     def close(self) -> None:
@@ -487,6 +462,10 @@ class SqliteBatchStore:
                 conn.close()
             self._connections.clear()
         self._local = threading.local()
+
+
+class _Gone(Exception):
+    """A record a swap would delete is no longer there: the transaction is rolled back."""
 
 
 class _LogView:
