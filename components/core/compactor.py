@@ -27,12 +27,12 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from components.core import columns
-from components.core.batches import group_epoch, open_groups, open_segment, seal_segment, segment_groups
+from components.core.batches import Group, group_epoch, open_groups, open_segment, seal_segment, segment_groups
 from components.core.devices import DeviceIndex
 from components.core.errors import DecryptionFailed
 from components.core.passes import PassThread
@@ -98,6 +98,17 @@ class _Series:
 
         return (device_id, sensor_type, col(self.rec), col(self.ts), col(self.values), optional(self.seqs),
                 optional(self.datas), optional(self.epochs))
+
+
+def _opened(ring: KeyRing, segments: list[SealedBatch], by: str) -> Iterator[tuple[SealedBatch, list[Group]]]:
+    """Each segment that opens, with its groups; one that fails to open is logged and skipped (left in place)."""
+    for s in segments:
+        try:
+            groups = segment_groups(s, open_segment(ring, s))
+        except DecryptionFailed as err:
+            log.error("%s leaves a segment in place: %s", by, err)
+            continue
+        yield s, groups
 
 
 class Compactor:
@@ -200,12 +211,8 @@ class Compactor:
         ring = self._keys()
         merged: dict[tuple[str, str], _Series] = {}
         old: list[SealedBatch] = []
-        for s in inside:  # ordered by lo: readings equal in ts keep their order (they are one segment's)
-            try:
-                seg = segment_groups(s, open_segment(ring, s))
-            except DecryptionFailed as err:
-                log.error("rollup of group %d leaves a segment in place: %s", group, err)
-                continue
+        # ordered by lo: readings equal in ts keep their order (they are one segment's)
+        for s, seg in _opened(ring, inside, f"rollup of group {group}"):
             old.append(s)
             for g in seg:
                 merged.setdefault((g[0], g[1]), _Series()).add(g[2], g[3], g[4], g[5], g[6], g[7])
@@ -252,15 +259,11 @@ class Compactor:
             return False
         windows = {k[0] for k in merged}
         if group != EVERY_GROUP:  # fold in the group's segments of those windows, so one segment each remains
-            for s in self._store.batches_by_ts(min(windows) * self._window_s, (max(windows) + 1) * self._window_s,
-                                               SEGMENT, (group,)):
-                if s.bucket not in windows or s.hi >= (s.bucket + 1) * self._window_s:
-                    continue  # another window's, or a rollup reaching past this window (left as it is)
-                try:
-                    seg = segment_groups(s, open_segment(ring, s))
-                except DecryptionFailed as err:
-                    log.error("compaction of window %d, group %d leaves a segment in place: %s", window, group, err)
-                    continue
+            ours = [s for s in self._store.batches_by_ts(min(windows) * self._window_s,
+                                                         (max(windows) + 1) * self._window_s, SEGMENT, (group,))
+                    # not another window's, nor a rollup reaching past this window (left as it is)
+                    if s.bucket in windows and s.hi < (s.bucket + 1) * self._window_s]
+            for s, seg in _opened(ring, ours, f"compaction of window {window}, group {group}"):
                 old.append(s)
                 for g in seg:
                     self._add(merged, g[0], g[1], g[2], g[3], g[4], g[5], g[6], g[7])
