@@ -83,24 +83,20 @@ def _json(request: Any, code: int, doc: dict[str, Any]) -> bytes:
     return json.dumps(doc).encode()
 
 
-class _Live(resource.Resource):
+class _HealthPage(resource.Resource):
     isLeaf = True
 
     def __init__(self, health: Health) -> None:
         super().__init__()
         self._health = health
 
+
+class _Live(_HealthPage):
     def render_GET(self, request: Any) -> bytes:
         return _json(request, 200, {"service": self._health.service, "pid": os.getpid(), "live": True})
 
 
-class _Ready(resource.Resource):
-    isLeaf = True
-
-    def __init__(self, health: Health) -> None:
-        super().__init__()
-        self._health = health
-
+class _Ready(_HealthPage):
     def render_GET(self, request: Any) -> Any:
         def done(result: tuple[bool, dict[str, Any]]) -> None:
             ok, doc = result
